@@ -1,0 +1,479 @@
+"""DeepSeek-V4: configuration, mHC hyper-connections, MoE with hash routing, blocks, MTP, the Transformer
+and checkpoint loading. Parameter names are the official checkpoint tensor names (spec §9.2)."""
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import Attention, LayerCache, RMSNorm, new_layer_cache
+from mxfp4 import E8M0, FP4, FP8, Linear, fp8_block_dequantize
+
+
+@dataclass
+class ModelArgs:
+    """Field names are the keys of the official inference/config.json (spec §1.2)."""
+    vocab_size: int
+    dim: int
+    moe_inter_dim: int
+    n_layers: int
+    n_hash_layers: int
+    n_heads: int
+    n_routed_experts: int
+    n_shared_experts: int
+    n_activated_experts: int
+    score_func: str
+    route_scale: float
+    swiglu_limit: float
+    q_lora_rank: int
+    head_dim: int
+    rope_head_dim: int
+    o_groups: int
+    o_lora_rank: int
+    window_size: int
+    original_seq_len: int
+    rope_theta: float
+    rope_factor: float
+    beta_fast: float
+    beta_slow: float
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    hc_mult: int
+    hc_sinkhorn_iters: int
+    compress_rope_theta: float
+    compress_ratios: list = field(default_factory=list)  # one per layer, then one per MTP layer
+    # keys the official config may omit; these are the official defaults
+    n_mtp_layers: int = 1
+    norm_eps: float = 1e-6
+    hc_eps: float = 1e-6
+    dtype: str = "bf16"  # "fp8": dense projections stored FP8 and the KV / indexer round trips applied
+    scale_fmt: str | None = None
+    expert_dtype: str | None = None  # routed experts when dtype is "fp8": "fp4" (shipped) or "fp8"
+    scale_dtype: str = "fp8"
+    max_batch_size: int = 4
+    max_seq_len: int = 4096  # decode-cache capacity: the context this run can hold
+
+    # Hugging Face config.json key -> ModelArgs field
+    HF_KEYS = {"hidden_size": "dim", "moe_intermediate_size": "moe_inter_dim", "num_hidden_layers": "n_layers",
+               "num_hash_layers": "n_hash_layers", "num_nextn_predict_layers": "n_mtp_layers",
+               "num_attention_heads": "n_heads", "num_experts_per_tok": "n_activated_experts",
+               "scoring_func": "score_func", "routed_scaling_factor": "route_scale", "qk_rope_head_dim": "rope_head_dim",
+               "rms_norm_eps": "norm_eps", "sliding_window": "window_size"}
+    HF_ROPE = {"original_max_position_embeddings": "original_seq_len", "factor": "rope_factor",
+               "beta_fast": "beta_fast", "beta_slow": "beta_slow"}
+    # HF keys that carry nothing the model needs (or only restate a V4 invariant)
+    HF_IGNORED = {"architectures", "attention_bias", "attention_dropout", "bos_token_id", "eos_token_id",
+                  "hidden_act", "initializer_range", "max_position_embeddings", "model_type", "norm_topk_prob",
+                  "num_key_value_heads", "tie_word_embeddings", "topk_method", "torch_dtype", "dtype",
+                  "transformers_version", "use_cache", "pad_token_id", "n_group", "topk_group"}
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "config") -> "ModelArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if "hidden_size" in cfg:  # a Hugging Face config.json: map its keys first
+            cfg, hf = {}, dict(cfg)
+            for k, v in hf.items():
+                if k in cls.HF_IGNORED:
+                    continue
+                if k == "rope_scaling":
+                    unknown = set(v) - set(cls.HF_ROPE) - {"type", "rope_type"}
+                    if unknown:
+                        raise ValueError(f"{source}: unknown key(s) in rope_scaling: {sorted(unknown)}")
+                    cfg.update({cls.HF_ROPE[rk]: rv for rk, rv in v.items() if rk in cls.HF_ROPE})
+                elif k == "quantization_config":
+                    cfg["dtype"], cfg["scale_fmt"] = "fp8", v.get("scale_fmt")
+                    cfg.setdefault("expert_dtype", v.get("expert_dtype", "fp4"))
+                else:
+                    cfg[cls.HF_KEYS.get(k, k)] = v
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown config key(s) {unknown}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in cfg and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
+        if "compress_ratios" not in cfg:
+            missing.append("compress_ratios")
+        if missing:
+            raise ValueError(f"{source}: missing config key(s) {missing}")
+        args = cls(**cfg)
+        args.validate(source)
+        return args
+
+    @classmethod
+    def from_json(cls, path) -> "ModelArgs":
+        """Read the official inference/config.json or a Hugging Face config.json."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(cfg, str(path))
+
+    def validate(self, source: str = "config"):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"{source}: {msg}")
+        need(len(self.compress_ratios) == self.n_layers + self.n_mtp_layers,
+             f"compress_ratios has {len(self.compress_ratios)} entries, expected n_layers + n_mtp_layers = "
+             f"{self.n_layers + self.n_mtp_layers}")
+        need(all(r in (0, 4) or (r > 4 and r % 4 == 0) for r in self.compress_ratios),
+             f"compress_ratios entries must be 0, 4 or a larger multiple of 4, got {self.compress_ratios}")
+        need(self.window_size >= max(self.compress_ratios) - 1, "window_size must cover an unfinished block")
+        need(self.score_func == "sqrtsoftplus", f"score_func {self.score_func!r} is not supported (sqrtsoftplus)")
+        need(self.n_heads % self.o_groups == 0, "n_heads must be divisible by o_groups")
+        need((self.head_dim - self.rope_head_dim) % 64 == 0, "head_dim - rope_head_dim must be a multiple of 64")
+        need(self.index_head_dim & (self.index_head_dim - 1) == 0 and self.index_head_dim % 32 == 0,
+             "index_head_dim must be a power of two and a multiple of 32")
+        need(self.dtype in ("bf16", "fp8"), f"dtype must be 'bf16' or 'fp8', got {self.dtype!r}")
+        need(self.expert_dtype in (None, "fp4", "fp8"), f"expert_dtype must be fp4 or fp8, got {self.expert_dtype!r}")
+        need(self.n_shared_experts == 1, "exactly one shared expert is supported")
+
+
+def tiny(**kw) -> ModelArgs:
+    """A few-MB V4 with every layer kind: 2 window-only, 2 CSA, 2 HCA layers, hash routing in the first
+    three, learned routing after, one MTP block. Fast on two CPU cores."""
+    a = dict(vocab_size=129280, dim=256, moe_inter_dim=256, n_layers=6, n_hash_layers=3, n_heads=4,
+             n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, score_func="sqrtsoftplus",
+             route_scale=1.5, swiglu_limit=10.0, q_lora_rank=128, head_dim=128, rope_head_dim=64, o_groups=2,
+             o_lora_rank=128, window_size=128, original_seq_len=65536, rope_theta=10000.0, rope_factor=16.0,
+             beta_fast=32, beta_slow=1, index_n_heads=16, index_head_dim=128, index_topk=16, hc_mult=4,
+             hc_sinkhorn_iters=20, compress_rope_theta=160000.0, compress_ratios=[0, 0, 4, 128, 4, 128, 0])
+    a.update(kw)
+    return ModelArgs(**a)
+
+
+def flash(**kw) -> ModelArgs:
+    """DeepSeek-V4-Flash, 284B total / 13B active (spec §1)."""
+    a = dict(vocab_size=129280, dim=4096, moe_inter_dim=2048, n_layers=43, n_hash_layers=3, n_heads=64,
+             n_routed_experts=256, n_shared_experts=1, n_activated_experts=6, score_func="sqrtsoftplus",
+             route_scale=1.5, swiglu_limit=10.0, q_lora_rank=1024, head_dim=512, rope_head_dim=64, o_groups=8,
+             o_lora_rank=1024, window_size=128, original_seq_len=65536, rope_theta=10000.0, rope_factor=16.0,
+             beta_fast=32, beta_slow=1, index_n_heads=64, index_head_dim=128, index_topk=512, hc_mult=4,
+             hc_sinkhorn_iters=20, compress_rope_theta=160000.0, dtype="fp8", scale_fmt="ue8m0", expert_dtype="fp4",
+             compress_ratios=[0, 0] + [4, 128] * 20 + [4, 0])
+    a.update(kw)
+    return ModelArgs(**a)
+
+
+def pro(**kw) -> ModelArgs:
+    """DeepSeek-V4-Pro, 1.6T total / 49B active (spec §1)."""
+    a = dataclasses.asdict(flash())
+    a.update(dim=7168, moe_inter_dim=3072, n_layers=61, n_heads=128, n_routed_experts=384, route_scale=2.5,
+             q_lora_rank=1536, o_groups=16, index_topk=1024, compress_ratios=[128, 128] + [4, 128] * 29 + [4, 0])
+    a.update(kw)
+    return ModelArgs(**a)
+
+
+# -------------------------------------------------------------------------------------------- mHC
+def sinkhorn(c: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Project [..., n, n] logits toward a doubly-stochastic matrix: row softmax, column normalisation,
+    then iters-1 rounds of row and column normalisation (spec §6 step 5; ends on columns)."""
+    c = c.softmax(-1) + eps
+    c = c / (c.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdim=True) + eps)
+        c = c / (c.sum(-2, keepdim=True) + eps)
+    return c
+
+
+def hc_weights(X: torch.Tensor, fn, norm_eps: float) -> torch.Tensor:
+    """The mixing logits mu = rho * (fn . flatten(X)), rho the RMS over all n*d values; [B,S,n,d] -> [B,S,*]."""
+    x = X.flatten(2).float()  # [B,S,n*d]
+    return F.linear(x, fn) * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+
+
+class Block(nn.Module):
+    """hc_pre -> attn_norm -> attention -> hc_post, then the same around the MoE (spec §2)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, dtype):
+        super().__init__()
+        self.args, n, mix = args, args.hc_mult, (2 + args.hc_mult) * args.hc_mult  # 24 = pre 4 + post 4 + comb 16
+        self.attn_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(layer_id, args, dtype)
+        self.ffn = MoE(layer_id, args, dtype)
+        for site in ("attn", "ffn"):
+            setattr(self, f"hc_{site}_fn", nn.Parameter(torch.empty(mix, n * args.dim, dtype=torch.float32)))
+            setattr(self, f"hc_{site}_base", nn.Parameter(torch.empty(mix, dtype=torch.float32)))
+            setattr(self, f"hc_{site}_scale", nn.Parameter(torch.empty(3, dtype=torch.float32)))
+
+    def hc_pre(self, X, site: str):
+        """Collapse the n streams to one sublayer input; return it with the post and comb maps."""
+        a, n = self.args, self.args.hc_mult
+        fn, scale, base = (getattr(self, f"hc_{site}_{k}") for k in ("fn", "scale", "base"))
+        mu = hc_weights(X, fn, a.norm_eps)  # [B,S,24]
+        pre = torch.sigmoid(mu[..., :n] * scale[0] + base[:n]) + a.hc_eps  # [B,S,n], positive
+        post = 2 * torch.sigmoid(mu[..., n:2 * n] * scale[1] + base[n:2 * n])  # [B,S,n], in (0, 2)
+        comb = (mu[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))  # [B,S,n,n]
+        comb = sinkhorn(comb, a.hc_sinkhorn_iters, a.hc_eps)
+        u = (pre[..., None] * X.float()).sum(2)  # [B,S,n,1] x [B,S,n,d] -> [B,S,d]
+        return u.to(X.dtype), post, comb
+
+    @staticmethod
+    def hc_post(f, X, post, comb):
+        """New stream k = post_k f + sum_j comb[j,k] X_j: column k of comb mixes the old streams."""
+        y = post[..., None] * f[:, :, None].float() + torch.einsum("bsjk,bsjd->bskd", comb, X.float())
+        return y.to(f.dtype)  # [B,S,n,d]
+
+    def forward(self, X, start_pos: int, ids, cache: LayerCache | None = None):
+        u, post, comb = self.hc_pre(X, "attn")
+        X = self.hc_post(self.attn(self.attn_norm(u), start_pos, cache), X, post, comb)
+        u, post, comb = self.hc_pre(X, "ffn")
+        return self.hc_post(self.ffn(self.ffn_norm(u), ids), X, post, comb)
+
+
+# -------------------------------------------------------------------------------------------- MoE
+class Gate(nn.Module):
+    """Router in fp32: s = sqrt(softplus(W x)). Learned layers pick the top-k of s + bias (the bias only
+    balances load, it never weights outputs); hash layers read the experts off tid2eid[token id]."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, dtype):
+        super().__init__()
+        self.topk, self.route_scale = args.n_activated_experts, args.route_scale
+        self.hash = layer_id < args.n_hash_layers
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype))
+        if self.hash:
+            self.register_buffer("tid2eid", torch.empty(args.vocab_size, self.topk, dtype=torch.int32))
+        else:
+            self.bias = nn.Parameter(torch.empty(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor):
+        """x [N,dim], ids [N] -> (weights [N,k] fp32, expert ids [N,k])."""
+        s = F.softplus(F.linear(x.float(), self.weight.float())).sqrt()  # [N,E]
+        idx = self.tid2eid[ids].long() if self.hash else (s + self.bias).topk(self.topk, dim=-1).indices
+        w = s.gather(1, idx)
+        return w / w.sum(-1, keepdim=True) * self.route_scale, idx
+
+
+class Expert(nn.Module):
+    """SwiGLU w2(silu(w1 x) * w3 x) in fp32 between the GEMMs; routed experts clamp (gate above, up both
+    sides, at swiglu_limit); the shared expert has no clamp (spec §7)."""
+
+    def __init__(self, dim: int, inter: int, fmt: str, dtype, limit: float = 0.0):
+        super().__init__()
+        self.limit = limit
+        self.w1, self.w2, self.w3 = Linear(dim, inter, fmt, dtype), Linear(inter, dim, fmt, dtype), Linear(dim, inter, fmt, dtype)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        g, v = self.w1(x).float(), self.w3(x).float()
+        if self.limit:
+            g, v = g.clamp(max=self.limit), v.clamp(-self.limit, self.limit)
+        h = F.silu(g) * v
+        return self.w2((h if weight is None else weight * h).to(x.dtype))  # routing weight before w2
+
+
+class MoE(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, dtype):
+        super().__init__()
+        dense = "fp8" if args.dtype == "fp8" else "bf16"
+        routed = (args.expert_dtype or "fp4") if args.dtype == "fp8" else "bf16"
+        self.gate = Gate(layer_id, args, dtype)
+        self.experts = nn.ModuleList(Expert(args.dim, args.moe_inter_dim, routed, dtype, args.swiglu_limit)
+                                     for _ in range(args.n_routed_experts))
+        self.shared_experts = Expert(args.dim, args.moe_inter_dim, dense, dtype)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.flatten(0, 1)  # [B,S,dim] -> [N,dim]
+        w, idx = self.gate(x, ids.flatten())
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        # Reference dispatch: gather each expert's tokens (kernels.py sorts them into one grouped GEMM)
+        for e in idx.unique().tolist():
+            tok, slot = torch.where(idx == e)
+            y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
+        return (y + self.shared_experts(x).float()).to(x.dtype).view(shape)
+
+
+# ------------------------------------------------------------------------------------ Transformer
+def hc_head(X, fn, scale, base, args) -> torch.Tensor:
+    """Final collapse of the n streams: h = sum_i (sigmoid(scale mu_i + base_i) + eps) X_i."""
+    pre = torch.sigmoid(hc_weights(X, fn, args.norm_eps) * scale + base) + args.hc_eps  # [B,S,n]
+    return (pre[..., None] * X.float()).sum(2).to(X.dtype)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction: X0 = e_proj(enorm(embed(next ids))) + h_proj(hnorm(X_main)) per stream, one
+    window-only Block, its own hc_head and norm, then the shared head (spec §8)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, dtype):
+        super().__init__(layer_id, args, dtype)
+        fmt = "fp8" if args.dtype == "fp8" else "bf16"
+        self.e_proj, self.h_proj = Linear(args.dim, args.dim, fmt, dtype), Linear(args.dim, args.dim, fmt, dtype)
+        self.enorm, self.hnorm, self.norm = (RMSNorm(args.dim, args.norm_eps) for _ in range(3))
+        self.hc_head_fn = nn.Parameter(torch.empty(args.hc_mult, args.hc_mult * args.dim, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.empty(args.hc_mult, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, dtype=torch.bfloat16):
+        super().__init__()
+        self.args, self.dtype = args, dtype
+        self.embed = nn.Embedding(args.vocab_size, args.dim, dtype=dtype)
+        self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.head = Linear(args.dim, args.vocab_size, dtype=torch.float32)  # untied; logits in fp32
+        self.hc_head_fn = nn.Parameter(torch.empty(args.hc_mult, args.hc_mult * args.dim, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.empty(args.hc_mult, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+        self.mtp = nn.ModuleList(MTPBlock(args.n_layers + i, args, dtype) for i in range(args.n_mtp_layers))
+
+    def new_cache(self, batch: int = 1, max_seq_len: int | None = None) -> list[LayerCache]:
+        """Preallocated decode state for `batch` sequences: one LayerCache per layer, then per MTP layer."""
+        T = max_seq_len or self.args.max_seq_len
+        dev = self.embed.weight.device
+        return [new_layer_cache(self.args, r, batch, T, self.dtype, dev) for r in self.args.compress_ratios]
+
+    def logits(self, X, owner) -> torch.Tensor:
+        h = owner.norm(hc_head(X, owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base, self.args))
+        return F.linear(h.float(), self.head.weight.float())  # [B,S,vocab] fp32
+
+    def forward(self, ids: torch.Tensor, start_pos: int = 0, cache: list[LayerCache] | None = None,
+                return_hidden: bool = False):
+        """ids [B,S] at positions start_pos.. -> fp32 logits [B,S,vocab] (and the 4-stream state the MTP
+        block reads). Without a cache the call must start at position 0."""
+        B, S = ids.shape
+        if cache is None and start_pos:
+            raise ValueError("start_pos > 0 needs the cache of the earlier positions")
+        if cache is not None and start_pos + S > _capacity(cache, self.args):
+            raise ValueError(f"positions up to {start_pos + S} exceed the cache capacity {_capacity(cache, self.args)}")
+        X = self.embed(ids)[:, :, None].expand(B, S, self.args.hc_mult, self.args.dim).contiguous()  # [B,S,n,d]
+        for i, layer in enumerate(self.layers):
+            X = layer(X, start_pos, ids, cache[i] if cache is not None else None)
+        logits = self.logits(X, self)
+        return (logits, X) if return_hidden else logits
+
+    def mtp_forward(self, X_main: torch.Tensor, next_ids: torch.Tensor, start_pos: int = 0,
+                    cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """Draft logits [B,S,vocab] for token t+2 from the main model's streams at t and the ids of t+1."""
+        mtp, B, S = self.mtp[0], *next_ids.shape
+        e = mtp.e_proj(mtp.enorm(self.embed(next_ids)))  # [B,S,d]
+        X = e[:, :, None] + mtp.h_proj(mtp.hnorm(X_main))  # broadcast over the n streams -> [B,S,n,d]
+        X = mtp(X, start_pos, next_ids, cache[self.args.n_layers] if cache is not None else None)
+        return self.logits(X, mtp)
+
+
+def _capacity(cache, args) -> int:
+    for c, r in zip(cache, args.compress_ratios):
+        if c.compressed is not None:
+            return c.compressed.shape[1] * r
+    return 1 << 62  # window-only stacks hold any length
+
+
+# ------------------------------------------------------------------------------- weights and loading
+@torch.no_grad()
+def init_random_(model: Transformer, seed: int = 0) -> Transformer:
+    """Seeded random weights scaled so activations stay O(1) through the stack (tests, the untrained demo).
+    Quantized Linears get a random float weight rounded to their storage format."""
+    from mxfp4 import fp8_block_quantize, mxfp4_quantize
+    g = torch.Generator().manual_seed(seed)
+    dev = model.embed.weight.device
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dev)
+
+    for mod in model.modules():
+        if isinstance(mod, Linear):
+            w = rnd(mod.out_features, mod.in_features, std=mod.in_features ** -0.5)
+            if mod.fmt == "fp8":
+                mod.weight.data, mod.scale.data = fp8_block_quantize(w)
+            elif mod.fmt == "fp4":
+                mod.weight.data, mod.scale.data = mxfp4_quantize(w)
+            else:
+                mod.weight.data = w.to(mod.weight.dtype)
+    linear_params = {id(p) for m in model.modules() if isinstance(m, Linear) for p in m.parameters()}
+    n, d = model.args.hc_mult, model.args.dim
+    for name, p in model.named_parameters():
+        if id(p) in linear_params:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("norm.weight"):
+            std, mean = 0.1, 1.0
+        elif leaf.endswith("_fn"):
+            std, mean = (n * d) ** -0.5, 0.0
+        elif leaf.endswith("_scale"):
+            std, mean = 0.1, 1.0
+        elif name.endswith("gate.weight"):
+            std, mean = d ** -0.5, 0.0
+        elif leaf in ("bias", "ape") or leaf.endswith("_base"):
+            std, mean = 0.5, 0.0
+        else:  # embed.weight, attn_sink
+            std, mean = 1.0, 0.0
+        p.data = (rnd(*p.shape, std=std) + mean).to(p.dtype)
+    for mod in model.modules():
+        if isinstance(mod, Gate) and mod.hash:  # k distinct experts per token id
+            E = model.args.n_routed_experts
+            mod.tid2eid.copy_(torch.rand(mod.tid2eid.shape[0], E, generator=g).argsort(-1)[:, :mod.topk].to(dev))
+    return model
+
+
+def _to_model_dtype(name: str, t: torch.Tensor, ref: torch.Tensor, where: str) -> torch.Tensor:
+    """Check one checkpoint tensor against the parameter it fills and convert it to the model's dtype."""
+    def bad(expected):
+        return ValueError(f"{where}: tensor {name} has dtype {t.dtype}, expected {expected}")
+    if ref.dtype in (FP8, E8M0, FP4):
+        ok = {FP8: (FP8,), E8M0: (E8M0, torch.uint8), FP4: (FP4, torch.int8, torch.uint8)}[ref.dtype]
+        if t.dtype not in ok:
+            raise bad(" or ".join(map(str, ok)))
+        return t.view(ref.dtype)
+    if not ref.dtype.is_floating_point:
+        if t.dtype not in (torch.int32, torch.int64):
+            raise bad("an integer dtype")
+        return t.to(ref.dtype)
+    if t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise bad("bfloat16, float16 or float32")
+    return t.to(ref.dtype)
+
+
+def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -> Transformer:
+    """Load a checkpoint directory: config.json (official inference keys or Hugging Face keys) and
+    *.safetensors with the official tensor names. Every tensor is checked (name, shape, dtype) before the
+    model is returned; a failed load raises and leaves nothing behind."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    args = ModelArgs.from_json(path / "config.json")
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
+    if dtype is None:
+        torch_dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "bfloat16")
+        dtype = {"float32": torch.float32, "float16": torch.float16}.get(torch_dtype, torch.bfloat16)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint directory {path} has no *.safetensors files")
+    with torch.device("meta"):
+        model = Transformer(args, dtype)
+    expected = model.state_dict()
+    sd, origin = {}, {}
+    for f in files:
+        with safe_open(str(f), "pt", device="cpu") as fh:
+            for k in fh.keys():
+                sd[k], origin[k] = fh.get_tensor(k), f.name
+    # wo_a ships as FP8; the model runs the grouped projection dense, as the official convert.py does
+    for k in [k for k in sd if k.endswith("attn.wo_a.scale") and k[:-5] + "weight" in sd]:
+        w = k[:-5] + "weight"
+        if sd[w].dtype == FP8:
+            sd[w] = fp8_block_dequantize(sd[w], sd.pop(k).view(E8M0))
+    unexpected, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensor {unexpected[0]} in {origin[unexpected[0]]}"
+                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing tensor {missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for k, ref in expected.items():
+        where = f"{path / origin[k]}"
+        if tuple(sd[k].shape) != tuple(ref.shape):
+            raise ValueError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)}, expected {tuple(ref.shape)}")
+        sd[k] = _to_model_dtype(k, sd[k], ref, where)
+        if k.endswith("tid2eid") and not (0 <= int(sd[k].min()) and int(sd[k].max()) < args.n_routed_experts):
+            raise ValueError(f"{where}: tensor {k} holds expert ids outside [0, {args.n_routed_experts})")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device).eval()
