@@ -46,7 +46,7 @@ def rope_freqs(args, ratio: int) -> torch.Tensor:
 
 
 def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor):
-    ang = positions.float()[:, None] * freqs.to(positions.device)[None]  # [S, R/2]
+    ang = positions.float()[..., None] * freqs.to(positions.device)  # [..., R/2]
     return ang.cos(), ang.sin()
 
 
@@ -82,34 +82,55 @@ def quant_kv(kv: torch.Tensor, R: int) -> torch.Tensor:
     return torch.cat([fp8_roundtrip(kv[..., :-R], 64), kv[..., -R:]], dim=-1)
 
 
-# --------------------------------------------------------------------------------------- decode cache
+# --------------------------------------------------------------------------------------------- caches
+def page_rows(table: torch.Tensor, pos: torch.Tensor, page: int, base: int = 0) -> torch.Tensor:
+    """Physical row of logical slot `pos` (window position or compressed entry id) of each sequence:
+    base + table[b, (pos // page) % width] * page + pos % page. A one-column table is a ring of `page` rows
+    per sequence; a wide one is a paged block table (unallocated pages, -1, read row 0 and are masked)."""
+    b = torch.arange(table.shape[0], device=pos.device).view(-1, *[1] * (pos.dim() - 1))
+    return base + table[b, (pos // page) % table.shape[1]].clamp(min=0) * page + pos % page
+
+
 @dataclass
 class LayerCache:
-    """One layer's decode state for B sequences that advance together (spec §11). Preallocated and written
-    in place: window ring [B,W,D] (slot = t mod W); compressed entries [B,T/m,D]; indexer keys [B,T/4,c_I];
-    compressor carry (fp32 projections and scores of the previous block and of the unfinished block)."""
-    window: torch.Tensor
-    compressed: torch.Tensor | None = None
-    comp_kv: torch.Tensor | None = None  # [B, (1+o)m, (1+o)D]; o = 1 when the blocks overlap (m = 4)
-    comp_score: torch.Tensor | None = None
-    index_keys: torch.Tensor | None = None
-    index_kv: torch.Tensor | None = None  # [B, 8, 2 c_I]
-    index_score: torch.Tensor | None = None
+    """One layer's cache as seen by one forward call of B sequences (spec §11). `kv` holds every D-wide row
+    the layer reads, window KV and compressed entries alike, so one pool serves both index lists; block
+    tables find a sequence's rows (see page_rows). Compressor carry is per sequence, fp32, written in place.
+    The per-sequence decode cache (new_layer_cache) is the special case of one page per sequence: a ring of
+    W window rows and a block of T/m compressed rows; kvcache.py builds paged views of the same shape."""
+    kv: torch.Tensor  # [N, D]
+    win_table: torch.Tensor  # [B, pages] int64
+    win_page: int  # window positions per page
+    comp_table: torch.Tensor | None = None  # [B, pages]; compressed entries and indexer keys share it
+    comp_page: int = 0  # compressed entries per page
+    comp_base: int = 0  # row of kv where compressed pages start
+    index_keys: torch.Tensor | None = None  # [N_I, c_I]
+    comp_state: tuple | None = None  # (kv, score) [B, (1+o)m, (1+o)D] fp32; o = 1 when blocks overlap (m = 4)
+    index_state: tuple | None = None  # (kv, score) [B, 8, 2 c_I]
+    keep_from: torch.Tensor | None = None  # [B] window positions below this are absent (a replay's start)
+    emit_from: torch.Tensor | None = None  # [B] entries below this are already stored and not rewritten
+    max_pos: int = 1 << 62  # positions this cache can hold
+
+
+def new_compressor_state(batch: int, ratio: int, width: int, device):
+    o = 2 if ratio == 4 else 1
+    # projections start at 0 and scores at -inf, so an absent previous block gets zero weight
+    return (torch.zeros(batch, o * ratio, o * width, device=device),
+            torch.full((batch, o * ratio, o * width), -math.inf, device=device))
 
 
 def new_layer_cache(args, ratio: int, batch: int, max_seq_len: int, dtype, device) -> LayerCache:
-    def state(m, width):
-        o = 2 if m == 4 else 1
-        # scores start at -inf and projections at 0, so an absent previous block gets zero weight
-        return (torch.zeros(batch, o * m, o * width, device=device),
-                torch.full((batch, o * m, o * width), -math.inf, device=device))
-    D, c = args.head_dim, LayerCache(torch.zeros(batch, args.window_size, args.head_dim, dtype=dtype, device=device))
+    """Preallocated decode cache of one layer for `batch` sequences that hold up to max_seq_len positions:
+    a W-row window ring and T/m compressed rows per sequence, indexer keys, compressor carry."""
+    D, W, T = args.head_dim, args.window_size, max_seq_len // ratio if ratio else 0
+    one_page = torch.arange(batch, device=device)[:, None]  # sequence b owns page b of each kind
+    c = LayerCache(torch.zeros(batch * (W + T), D, dtype=dtype, device=device), one_page, W, max_pos=max_seq_len)
     if ratio:
-        c.compressed = torch.zeros(batch, max_seq_len // ratio, D, dtype=dtype, device=device)
-        c.comp_kv, c.comp_score = state(ratio, D)
+        c.comp_table, c.comp_page, c.comp_base = one_page, max(T, 1), batch * W
+        c.comp_state = new_compressor_state(batch, ratio, D, device)
     if ratio == 4:
-        c.index_keys = torch.zeros(batch, max_seq_len // 4, args.index_head_dim, dtype=dtype, device=device)
-        c.index_kv, c.index_score = state(4, args.index_head_dim)
+        c.index_keys = torch.zeros(batch * max(T, 1), args.index_head_dim, dtype=dtype, device=device)
+        c.index_state = new_compressor_state(batch, 4, args.index_head_dim, device)
     return c
 
 
@@ -129,52 +150,61 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(ratio, o * width, dtype=torch.float32))
         self.norm = RMSNorm(width, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs: torch.Tensor, state=None):
-        """x [B,S,dim] at positions start_pos.. -> (new entries [B,n,c'], index of the first one). `state`
-        (kv, score) carries the unfinished block and, for m = 4, the previous block across calls."""
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state):
+        """x [B,S,dim] at positions pos [B,S] (consecutive per sequence) -> (entries [B,n,c'], their ids
+        [B,n], valid [B,n]). `state` = (kv, score) carries the previous block (m = 4) and the unfinished
+        block across calls; it is updated in place."""
         B, S, _ = x.shape
         m, c = self.ratio, self.width
-        pos = torch.arange(start_pos, start_pos + S, device=x.device)
-        a, z = self.wkv(x.float()), self.wgate(x.float()) + self.ape[pos % m]  # [B,S,(1+o)c']
-        r = start_pos % m  # tokens of the unfinished block that earlier calls left in `state`
-        cur = m if self.overlap else 0  # state rows [cur, cur+m) hold the unfinished block, [0, m) the previous
-        if state is not None:
-            kv_state, score_state = state
-            a = torch.cat([kv_state[:, cur:cur + r], a], 1)  # [B, r+S, (1+o)c'], tokens from the block start
-            z = torch.cat([score_state[:, cur:cur + r], z], 1)
-        elif r:
-            raise ValueError("a compressor without a cache must start at a block boundary")
-        n = a.shape[1] // m
-        blk_a, blk_z = a[:, :n * m].unflatten(1, (n, m)), z[:, :n * m].unflatten(1, (n, m))  # [B,n,m,(1+o)c']
-        if self.overlap:
-            if state is not None:
-                prev_a = torch.cat([kv_state[:, None, :m], blk_a], 1)[:, :n]  # the block before each block
-                prev_z = torch.cat([score_state[:, None, :m], blk_z], 1)[:, :n]
-            else:
-                prev_a = F.pad(blk_a, (0, 0, 0, 0, 1, 0))[:, :n]
-                prev_z = F.pad(blk_z, (0, 0, 0, 0, 1, 0), value=-math.inf)[:, :n]
-            # [B,n,m,c'] previous-block role ‖ [B,n,m,c'] current-block role -> [B,n,2m,c']
+        kv_state, score_state = state
+        a = self.wkv(x.float())  # [B,S,(1+o)c']
+        z = self.wgate(x.float()) + self.ape[pos % m]
+        r = pos[:, 0] % m  # tokens of the unfinished block that earlier calls left in the state
+        cur = m if self.overlap else 0  # state rows [cur, cur+m): unfinished block; [0, m): previous block
+        # Lay each sequence out from the first token of its unfinished block: r carried rows, then the S
+        # new ones, padded (value 0, score -inf) to whole blocks plus one spare block.
+        L = (m - 1 + S + m - 1) // m * m + m
+        i = torch.arange(L, device=x.device)[None]  # [1,L]
+        new = (i - r[:, None]).clamp(0, S - 1)  # [B,L] index into this call's tokens
+        carried, fresh = i < r[:, None], (i >= r[:, None]) & (i < r[:, None] + S)
+        bi = torch.arange(B, device=x.device)[:, None]
+        row = (cur + i).clamp(max=kv_state.shape[1] - 1)
+        buf_a = torch.where(carried[..., None], kv_state[bi, row], torch.where(fresh[..., None], a[bi, new], 0.0))
+        buf_z = torch.where(carried[..., None], score_state[bi, row],
+                            torch.where(fresh[..., None], z[bi, new], -math.inf))
+        nb = L // m
+        blk_a, blk_z = buf_a.view(B, nb, m, -1), buf_z.view(B, nb, m, -1)  # [B,nb,m,(1+o)c']
+        if self.overlap:  # previous block of block k: the carried one for k = 0, else block k-1
+            prev_a = torch.cat([kv_state[:, None, :m], blk_a[:, :-1]], 1)
+            prev_z = torch.cat([score_state[:, None, :m], blk_z[:, :-1]], 1)
+            # [B,nb,m,c'] previous-block role ‖ [B,nb,m,c'] current-block role -> [B,nb,2m,c']
             pool_a = torch.cat([prev_a[..., :c], blk_a[..., c:]], 2)
             pool_z = torch.cat([prev_z[..., :c], blk_z[..., c:]], 2)
         else:
             pool_a, pool_z = blk_a, blk_z
-        pooled = (pool_a * pool_z.softmax(dim=2)).sum(2)  # [B,n,c']
-        if state is not None:  # carry: last complete block becomes "previous", leftover tokens "unfinished"
-            if self.overlap and n:
-                kv_state[:, :m], score_state[:, :m] = blk_a[:, -1], blk_z[:, -1]
-            rem = a.shape[1] - n * m
-            kv_state[:, cur:cur + rem], score_state[:, cur:cur + rem] = a[:, n * m:], z[:, n * m:]
-        first = (start_pos - r) // m
+        n = (r + S) // m  # [B] blocks completed by this call
+        k = torch.arange(nb, device=x.device)[None]
+        valid = k < n[:, None]  # [B,nb]; the rest are partial or padding (and may be NaN)
+        pooled = (pool_a * pool_z.softmax(dim=2)).sum(2)  # [B,nb,c']
+        pooled = torch.where(valid[..., None], pooled, 0.0)
+        # carry: the last complete block becomes "previous", the leftover tokens the unfinished block
+        if self.overlap:
+            last = (n - 1).clamp(min=0)
+            keep = (n > 0)[:, None, None]
+            kv_state[:, :m] = torch.where(keep, blk_a[bi[:, 0], last], kv_state[:, :m])
+            score_state[:, :m] = torch.where(keep, blk_z[bi[:, 0], last], score_state[:, :m])
+        tail = n[:, None] * m + torch.arange(m, device=x.device)[None]  # [B,m]
+        kv_state[:, cur:cur + m], score_state[:, cur:cur + m] = buf_a[bi, tail], buf_z[bi, tail]
+        ids = (pos[:, :1] - r[:, None]) // m + k  # [B,nb] entry ids
         e = self.norm(pooled.to(x.dtype))
-        # each entry is rotated at its block's first position j*m
-        cos, sin = rope_cos_sin(freqs, torch.arange(first, first + n, device=x.device) * m)
+        cos, sin = rope_cos_sin(freqs, ids * m)  # each entry is rotated at its block's first position j*m
         e = apply_rope(e, cos, sin)
         if self.for_indexer:
             e = hadamard_rotate(e)
             e = fp4_roundtrip(e, 32) if self.quant else e
         elif self.quant:
             e = quant_kv(e, self.rope_dim)
-        return e, first
+        return e, ids, valid
 
 
 # ---------------------------------------------------------------------------------- lightning indexer
@@ -190,30 +220,30 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(args.dim, self.n_heads, dtype=dtype)
         self.compressor = Compressor(args, 4, self.head_dim, for_indexer=True)
 
-    def forward(self, x, qr, keys, start_pos: int, cos, sin) -> torch.Tensor:
-        """x [B,S,dim], qr [B,S,q_lora], keys [B,T/4,c_I] -> top-k entry ids [B,S,K], -1 where empty."""
-        B, S, _ = x.shape
+    def forward(self, x, qr, keys, limit, cos, sin) -> torch.Tensor:
+        """x [B,S,dim], qr [B,S,q_lora], keys [B,T,c_I], limit [B,S] visible entries per query
+        -> top-k entry ids [B,S,K], -1 where a query has fewer than K visible entries."""
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,HI,c_I]
-        q = hadamard_rotate(apply_rope(q, cos[:, None], sin[:, None]))
+        q = hadamard_rotate(apply_rope(q, cos[:, :, None], sin[:, :, None]))
         q = fp4_roundtrip(q, 32) if self.quant else q
         w = self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,S,HI]
         # q [B,S,HI,c_I] x keys [B,T,c_I] -> [B,S,HI,T], ReLU, weighted sum over heads -> [B,S,T]
         score = (torch.einsum("bshd,btd->bsht", q, keys).relu() * w[..., None]).sum(2)
-        T = keys.shape[1]
-        limit = (torch.arange(start_pos, start_pos + S, device=x.device) + 1) // 4  # visible entries per query
-        future = torch.arange(T, device=x.device)[None] >= limit[:, None]  # [S,T]
-        idx = score.masked_fill(future, -math.inf).topk(min(self.topk, T), dim=-1).indices  # [B,S,K]
-        return torch.where(idx >= limit[:, None], -1, idx)  # masked picks only fill rows that run short
+        future = torch.arange(keys.shape[1], device=x.device) >= limit[..., None]  # [B,S,T]
+        idx = score.masked_fill(future, -math.inf).topk(min(self.topk, keys.shape[1]), dim=-1).indices
+        return torch.where(idx >= limit[..., None], -1, idx)  # masked picks only fill rows that run short
 
 
 # ------------------------------------------------------------------------------------- core attention
-def sparse_attn(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float):
-    """Torch reference: q [B,S,H,D] attends over entries kv[b, idx[b,s,:]] of a pool kv [B,P,D] (K = V),
-    idx [B,S,K] with -1 = empty. One softmax per head with the sink z_h in the denominator only:
-    o = sum_u exp(s_u - M) e_u / (sum_u exp(s_u - M) + exp(z_h - M)), M = max over real keys (spec §3.5).
-    This is the single place the attention math would dispatch to a kernel."""
-    valid = idx >= 0
-    ent = kv[torch.arange(kv.shape[0], device=kv.device)[:, None, None], idx.clamp(min=0)].float()  # [B,S,K,D]
+def sparse_attn(q, win, win_idx, kv, kv_idx, sink, scale: float) -> torch.Tensor:
+    """Torch reference. q [B,S,H,D] attends over window rows win[b, win_idx] (win [B,P,D], win_idx [B,S,Kw])
+    and pool rows kv[kv_idx] (kv [N,D], kv_idx [B,S,Kc]); -1 = empty; K = V. One softmax per head with the
+    sink z_h in the denominator only: o = sum_u exp(s_u - M) e_u / (sum_u exp(s_u - M) + exp(z_h - M)),
+    M = max over real keys (spec §3.5). This is the single place the attention math would dispatch to a
+    kernel."""
+    b = torch.arange(q.shape[0], device=q.device)[:, None, None]
+    ent = torch.cat([win[b, win_idx.clamp(min=0)], kv[kv_idx.clamp(min=0)]], 2).float()  # [B,S,Kw+Kc,D]
+    valid = torch.cat([win_idx, kv_idx], -1) >= 0  # [B,S,K]
     s = torch.einsum("bshd,bskd->bshk", q.float(), ent) * scale  # [B,S,H,K]
     s = s.masked_fill(~valid[:, :, None, :], -math.inf)
     mx = s.amax(-1, keepdim=True)
@@ -241,60 +271,60 @@ class Attention(nn.Module):
         self.compressor = Compressor(args, self.ratio, D) if self.ratio else None
         self.indexer = Indexer(args, dtype) if self.ratio == 4 else None
 
-    def forward(self, x: torch.Tensor, start_pos: int, cache: LayerCache | None = None) -> torch.Tensor:
-        """x [B,S,dim] at positions start_pos..start_pos+S-1 -> [B,S,dim]. With a cache, any S works at
-        any start_pos (prefill, decode and chunked prefill take the same path)."""
+    def compress(self, comp, x, pos, freqs, cache: LayerCache, index: bool):
+        """Run a compressor and store the entries it completes (through the block table)."""
+        e, ids, ok = comp(x, pos, freqs, cache.index_state if index else cache.comp_state)
+        if cache.emit_from is not None:  # a replay recomputes entries that are already stored: keep those
+            ok = ok & (ids >= cache.emit_from[:, None])
+        rows = page_rows(cache.comp_table, ids, cache.comp_page, 0 if index else cache.comp_base)
+        (cache.index_keys if index else cache.kv)[rows[ok]] = e[ok].to(cache.kv.dtype)
+
+    def forward(self, x: torch.Tensor, start_pos, cache: LayerCache) -> torch.Tensor:
+        """x [B,S,dim]; start_pos an int or [B] tensor (sequence b covers start_pos[b]..+S-1) -> [B,S,dim].
+        Prefill, decode and chunked prefill are the same path: read the cache, attend, write the cache."""
         B, S, _ = x.shape
         H, D, R, W = self.n_heads, self.head_dim, self.rope_dim, self.window
+        start = torch.as_tensor(start_pos, device=x.device).expand(B)
+        pos = start[:, None] + torch.arange(S, device=x.device)  # [B,S]
         freqs = rope_freqs(self.args, self.ratio)
-        pos = torch.arange(start_pos, start_pos + S, device=x.device)
-        cos, sin = rope_cos_sin(freqs, pos)  # [S,R/2]
+        cos, sin = rope_cos_sin(freqs, pos)  # [B,S,R/2]
         qr = self.q_norm(self.wq_a(x))  # [B,S,q_lora], shared with the indexer
         q = self.wq_b(qr).unflatten(-1, (H, D))  # [B,S,H,D]
         q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.args.norm_eps).to(q.dtype)
-        q = apply_rope(q, cos[:, None], sin[:, None])
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B,S,D]
         kv = quant_kv(kv, R) if self.args.dtype == "fp8" else kv
 
-        # Pool = [window ring (W, cache only) ‖ this call's kv (S) ‖ compressed entries]; each query gets
-        # an index list into it: its window positions t-W+1..t, then its compressed picks.
-        parts = [cache.window] if cache is not None else []
-        off = W if cache is not None else 0
-        u = pos[:, None] - W + 1 + torch.arange(W, device=x.device)[None]  # [S,W] window positions
-        win = torch.where(u >= start_pos, off + u - start_pos, u % W)  # this call's kv, else ring slot
-        win = torch.where(u >= 0, win, -1).expand(B, S, W)  # [B,S,W]
-        parts.append(kv)
-        idx = [win]
+        # Window source: the W-1 positions before this call, gathered from the cache, then this call's kv.
+        # Query t reads positions t-W+1..t of it; positions before 0 (or before a replay's start) are -1.
+        prev = start[:, None] - W + 1 + torch.arange(W - 1, device=x.device)  # [B,W-1]
+        win = torch.cat([cache.kv[page_rows(cache.win_table, prev.clamp(min=0), cache.win_page)], kv], 1)
+        first = torch.zeros_like(start) if cache.keep_from is None else cache.keep_from
+        u = pos[..., None] - W + 1 + torch.arange(W, device=x.device)  # [B,S,W] window positions
+        win_idx = torch.where(u >= first[:, None, None], u - start[:, None, None] + W - 1, -1)
+        # compressed entries: CSA picks top-k of the visible ones with the indexer, HCA reads them all
+        kv_idx = torch.empty(B, S, 0, dtype=torch.long, device=x.device)
         if self.ratio:
-            m, n_vis = self.ratio, (start_pos + S) // self.ratio
-            new, first = self.compressor(x, start_pos, freqs,
-                                         (cache.comp_kv, cache.comp_score) if cache is not None else None)
-            if cache is not None:
-                cache.compressed[:, first:first + new.shape[1]] = new
-                comp = cache.compressed[:, :n_vis]
-            else:
-                comp = new
+            m = self.ratio
             limit = (pos + 1) // m  # entry j is visible once its last token j*m+m-1 has been seen
+            self.compress(self.compressor, x, pos, freqs, cache, index=False)
+            j = torch.arange(int(limit.max()), device=x.device)[None, None].expand(B, 1, -1)  # [B,1,T]
             if self.indexer is not None:
-                ikeys, ifirst = self.indexer.compressor(
-                    x, start_pos, freqs, (cache.index_kv, cache.index_score) if cache is not None else None)
-                if cache is not None:
-                    cache.index_keys[:, ifirst:ifirst + ikeys.shape[1]] = ikeys
-                    ikeys = cache.index_keys[:, :n_vis]
-                sel = self.indexer(x, qr, ikeys, start_pos, cos, sin)  # [B,S,K]
-            else:  # HCA reads every visible entry
-                j = torch.arange(n_vis, device=x.device)[None]
-                sel = torch.where(j < limit[:, None], j, -1).expand(B, S, n_vis)
-            idx.append(torch.where(sel >= 0, sel + off + S, -1))
-            parts.append(comp)
-        o = sparse_attn(q, torch.cat(parts, 1), torch.cat(idx, -1), self.attn_sink, D ** -0.5)  # [B,S,H,D]
-        if cache is not None:  # write the window after reading it: slots still hold positions < start_pos
-            keep = min(S, W)
-            cache.window[:, pos[-keep:] % W] = kv[:, -keep:]
+                self.compress(self.indexer.compressor, x, pos, freqs, cache, index=True)
+                keys = cache.index_keys[page_rows(cache.comp_table, j[:, 0], cache.comp_page)]  # [B,T,c_I]
+                sel = self.indexer(x, qr, keys, limit, cos, sin)  # [B,S,K]
+            else:
+                sel = torch.where(j < limit[..., None], j, -1)  # [B,S,T]
+            rows = page_rows(cache.comp_table, sel.clamp(min=0), cache.comp_page, cache.comp_base)
+            kv_idx = torch.where(sel >= 0, rows, -1)
+        o = sparse_attn(q, win, win_idx, cache.kv, kv_idx, self.attn_sink, D ** -0.5)  # [B,S,H,D]
+        # store this call's window KV; a ring keeps the last W positions, a paged table every position
+        keep = min(S, cache.win_table.shape[1] * cache.win_page)
+        cache.kv[page_rows(cache.win_table, pos[:, -keep:], cache.win_page)] = kv[:, -keep:].to(cache.kv.dtype)
 
         # K = V carries its key's rotation into the output; rotating back by the query position leaves a
         # relative rotation only (spec §3.4).
-        o = apply_rope(o, cos[:, None], -sin[:, None])
+        o = apply_rope(o, cos[:, :, None], -sin[:, :, None])
         g = self.args.o_groups
         wo_a = self.wo_a.weight.view(g, self.args.o_lora_rank, -1)  # [g, o_lora, H*D/g]
         o = torch.einsum("bsgd,grd->bsgr", o.reshape(B, S, g, -1), wo_a)  # [B,S,g,H*D/g] -> [B,S,g,o_lora]

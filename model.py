@@ -339,13 +339,16 @@ class Transformer(nn.Module):
         """ids [B,S] at positions start_pos.. -> fp32 logits [B,S,vocab] (and the 4-stream state the MTP
         block reads). Without a cache the call must start at position 0."""
         B, S = ids.shape
-        if cache is None and start_pos:
-            raise ValueError("start_pos > 0 needs the cache of the earlier positions")
-        if cache is not None and start_pos + S > _capacity(cache, self.args):
-            raise ValueError(f"positions up to {start_pos + S} exceed the cache capacity {_capacity(cache, self.args)}")
+        if cache is None:
+            if torch.as_tensor(start_pos).any():
+                raise ValueError("start_pos > 0 needs the cache of the earlier positions")
+            cache = self.new_cache(B, S)  # a scratch cache: the no-cache forward is a prefill from 0
+        end = int(torch.as_tensor(start_pos).max()) + S
+        if end > cache[0].max_pos:
+            raise ValueError(f"positions up to {end} exceed the cache capacity {cache[0].max_pos}")
         X = self.embed(ids)[:, :, None].expand(B, S, self.args.hc_mult, self.args.dim).contiguous()  # [B,S,n,d]
         for i, layer in enumerate(self.layers):
-            X = layer(X, start_pos, ids, cache[i] if cache is not None else None)
+            X = layer(X, start_pos, ids, cache[i])
         logits = self.logits(X, self)
         return (logits, X) if return_hidden else logits
 
@@ -355,15 +358,11 @@ class Transformer(nn.Module):
         mtp, B, S = self.mtp[0], *next_ids.shape
         e = mtp.e_proj(mtp.enorm(self.embed(next_ids)))  # [B,S,d]
         X = e[:, :, None] + mtp.h_proj(mtp.hnorm(X_main))  # broadcast over the n streams -> [B,S,n,d]
-        X = mtp(X, start_pos, next_ids, cache[self.args.n_layers] if cache is not None else None)
+        if cache is None:
+            cache = [None] * self.args.n_layers + self.new_cache(B, S)[self.args.n_layers:]
+        X = mtp(X, start_pos, next_ids, cache[self.args.n_layers])
         return self.logits(X, mtp)
 
-
-def _capacity(cache, args) -> int:
-    for c, r in zip(cache, args.compress_ratios):
-        if c.compressed is not None:
-            return c.compressed.shape[1] * r
-    return 1 << 62  # window-only stacks hold any length
 
 
 # ------------------------------------------------------------------------------- weights and loading

@@ -1,0 +1,607 @@
+"""The test suite: formats, model math against the Hugging Face oracle, cache equivalence, loading, CLI.
+Every check compares against an independent path (the oracle, a numpy/loop re-derivation from the spec,
+or the no-cache forward) on fresh seeded random inputs."""
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import generate as G
+import mxfp4
+from attention import apply_rope, rope_freqs, rope_cos_sin
+from model import (Expert, ModelArgs, Transformer, flash, init_random_, load_model, pro, sinkhorn, tiny)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(REPO, "..", "shared", "configs")
+torch.set_grad_enabled(False)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def small_args(**kw) -> ModelArgs:
+    """The tiny preset with a small vocab so full-sequence logits are cheap."""
+    return tiny(vocab_size=512, **kw)
+
+
+def random_model(args, seed=0, dtype=torch.float32) -> Transformer:
+    return init_random_(Transformer(args, dtype), seed).eval()
+
+
+def hf_config(args: ModelArgs, **extra) -> dict:
+    """A Hugging Face config.json (the shipped key set) for args."""
+    inv = {v: k for k, v in ModelArgs.HF_KEYS.items()}
+    skip = {"original_seq_len", "rope_factor", "beta_fast", "beta_slow", "dtype", "scale_fmt", "expert_dtype",
+            "scale_dtype", "max_batch_size", "max_seq_len"}
+    cfg = {inv.get(k, k): v for k, v in dataclasses.asdict(args).items() if k not in skip}
+    cfg["rope_scaling"] = {"type": "yarn", "factor": args.rope_factor, "beta_fast": args.beta_fast,
+                           "beta_slow": args.beta_slow, "original_max_position_embeddings": args.original_seq_len}
+    cfg.update(architectures=["DeepseekV4ForCausalLM"], model_type="deepseek_v4", num_key_value_heads=1,
+               max_position_embeddings=1048576, tie_word_embeddings=False, torch_dtype="float32", **extra)
+    return cfg
+
+
+def write_checkpoint(model: Transformer, path, cfg: dict, state=None):
+    """Official layout: config.json + model.safetensors with the native tensor names (tid2eid int64)."""
+    os.makedirs(path, exist_ok=True)
+    sd = state if state is not None else model.state_dict()
+    sd = {k: (v.long() if k.endswith("tid2eid") else v).contiguous() for k, v in sd.items()}
+    save_file(sd, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+# ------------------------------------------------------------------------------------ formats
+def e4m3_table() -> np.ndarray:
+    """All finite e4m3fn values from their bit patterns (bias 7, subnormals at exponent 0, no inf)."""
+    vals = []
+    for b in range(256):
+        s, e, m = b >> 7, (b >> 3) & 0xF, b & 7
+        if e == 15 and m == 7:
+            continue  # NaN
+        v = (m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
+        vals.append(-v if s else v)
+    return np.array(sorted(set(vals)))
+
+
+def round_to_grid(x: np.ndarray, grid: np.ndarray, even_of) -> np.ndarray:
+    """Nearest grid value, ties broken toward the value whose code is even (round-half-to-even)."""
+    out = np.empty_like(x)
+    for i, v in enumerate(x.ravel()):
+        d = np.abs(grid - v)
+        cands = grid[d == d.min()]
+        out.ravel()[i] = cands[0] if len(cands) == 1 else [c for c in cands if even_of(c)][0]
+    return out
+
+
+def e4m3_even(v):
+    return (np.float32(v).view(np.uint32) >> 20) & 1 == 0  # e4m3 keeps 3 mantissa bits: bit 20 of fp32 is its LSB
+
+
+def e2m1_even(v):
+    return [0, 0.5, 1, 1.5, 2, 3, 4, 6].index(abs(v)) % 2 == 0
+
+
+def ref_block_roundtrip(x: np.ndarray, block: int, qmax: float, floor: float, grid, even_of) -> np.ndarray:
+    """Spec §9.1 re-derived with python floats: scale = 2^ceil(log2(amax/qmax)), clamp, round, rescale."""
+    out = np.empty_like(x)
+    for r in range(x.shape[0]):
+        for b0 in range(0, x.shape[1], block):
+            blk = x[r, b0:b0 + block].astype(np.float64)
+            ratio = max(float(np.abs(blk).max()), floor) / qmax
+            m, e = math.frexp(ratio)
+            scale = 2.0 ** (e - 1 if m == 0.5 else e)
+            out[r, b0:b0 + block] = round_to_grid(np.clip(blk / scale, -qmax, qmax), grid, even_of) * scale
+    return out
+
+
+def test_e2m1_all_codes_and_packing():
+    codes = torch.arange(16, dtype=torch.uint8)
+    vals = mxfp4.e2m1_decode(codes)
+    assert vals.tolist() == [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6]
+    assert torch.equal(mxfp4.e2m1_encode(vals), codes)  # every code survives decode -> encode
+    g = torch.Generator().manual_seed(0)
+    c = torch.randint(0, 16, (7, 64), generator=g, dtype=torch.uint8)
+    packed = mxfp4.pack_fp4(c)
+    assert packed.dtype == torch.float4_e2m1fn_x2 and packed.shape == (7, 32)
+    b = packed.view(torch.uint8)
+    assert torch.equal(b & 0xF, c[:, 0::2]) and torch.equal(b >> 4, c[:, 1::2])  # low nibble = even index
+    assert torch.equal(mxfp4.unpack_fp4(packed), c)
+
+
+def test_e2m1_rounding_matches_grid_round_half_even():
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(300, generator=g) * 3,
+                   torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -2.5, -5.0, 6.0, -6.0])])
+    grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float64)
+    grid = np.concatenate([-grid[::-1], grid])
+    ref = round_to_grid(np.clip(x.numpy().astype(np.float64), -6, 6), grid, e2m1_even)
+    assert np.array_equal(mxfp4.e2m1_decode(mxfp4.e2m1_encode(x)).numpy(), ref.astype(np.float32))
+
+
+def test_e8m0_edge_bytes():
+    s = mxfp4.e8m0_to_float(torch.tensor([0, 1, 126, 127, 128, 254, 255], dtype=torch.uint8))
+    assert s[:6].tolist() == [2.0 ** -127, 2.0 ** -126, 0.5, 1.0, 2.0, 2.0 ** 127]
+    assert torch.isnan(s[6])
+    # and the same bytes through torch's own e8m0 dtype
+    t = torch.tensor([1, 127, 254], dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    assert torch.equal(mxfp4.e8m0_to_float(t), t.float())
+
+
+def test_activation_roundtrips_match_spec():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 256, generator=g) * torch.logspace(-3, 3, 256)  # blocks of very different magnitudes
+    x[1, 64:128] = 0  # an all-zero block hits the amax floor
+    ref8 = ref_block_roundtrip(x.numpy(), 64, 448.0, 1e-4, e4m3_table(), e4m3_even)
+    assert np.array_equal(mxfp4.fp8_roundtrip(x, 64).numpy(), ref8.astype(np.float32))
+    grid4 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6.0])
+    ref4 = ref_block_roundtrip(x.numpy(), 32, 6.0, 6 * 2.0 ** -126, np.concatenate([-grid4[::-1], grid4]), e2m1_even)
+    assert np.array_equal(mxfp4.fp4_roundtrip(x, 32).numpy(), ref4.astype(np.float32))
+
+
+def test_fp8_block_weights_roundtrip_bit_exact():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 200, generator=g)
+    q, s = mxfp4.fp8_block_quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float8_e8m0fnu and s.shape == (3, 2)
+    deq = mxfp4.fp8_block_dequantize(q, s)
+    # each tile: dequant = e4m3 value x 2^(E-127), independently recomputed per element
+    E = s.view(torch.uint8).long()
+    for i, j in [(0, 0), (299, 199), (150, 130), (257, 3)]:
+        assert deq[i, j].item() == q[i, j].float().item() * 2.0 ** (E[i // 128, j // 128].item() - 127)
+    assert ((deq - w).abs() <= w.abs() * 2 ** -4 + 2.0 ** -9 * 2 ** (E.max().item() - 127)).all()  # 3 mantissa bits
+    # stored bytes -> dequantize -> quantize gives the same bytes when each tile's max is 448 (pins the scale)
+    codes = torch.randint(0, 256, (300, 200), generator=g, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0  # no NaN codes
+    codes[::128, ::128] = 0x7E  # +448 in every tile
+    scales = torch.randint(110, 135, (3, 2), generator=g, dtype=torch.uint8)
+    deq = mxfp4.fp8_block_dequantize(codes.view(torch.float8_e4m3fn), scales.view(torch.float8_e8m0fnu))
+    q2, s2 = mxfp4.fp8_block_quantize(deq)
+    zero = deq == 0  # +0 and -0 are one value; compare the rest byte for byte
+    assert torch.equal(q2.view(torch.uint8)[~zero], codes[~zero]) and torch.equal(s2.view(torch.uint8), scales)
+
+
+def test_mxfp4_weights_roundtrip_bit_exact():
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (16, 128), generator=g, dtype=torch.uint8)
+    codes[:, ::32] = 7  # a +6 in every block pins the scale, so dequantize -> quantize is exact
+    E = torch.randint(100, 140, (16, 4), generator=g, dtype=torch.uint8)
+    packed, scale = mxfp4.pack_fp4(codes), E.view(torch.float8_e8m0fnu)
+    w = mxfp4.mxfp4_dequantize(packed, scale)
+    ref = mxfp4.E2M1_VALUES[codes.long()] * torch.pow(2.0, E.float() - 127).repeat_interleave(32, 1)
+    assert torch.equal(w, ref)
+    p2, s2 = mxfp4.mxfp4_quantize(w)
+    assert torch.equal(p2.view(torch.uint8), packed.view(torch.uint8)) and torch.equal(s2.view(torch.uint8), E)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_quantized_linear_equals_dequantized_linear(fmt):
+    g = torch.Generator().manual_seed(5)
+    lin = mxfp4.Linear(256, 96, fmt)
+    w = torch.randn(96, 256, generator=g) * 0.05
+    lin.weight.data, lin.scale.data = (mxfp4.fp8_block_quantize if fmt == "fp8" else mxfp4.mxfp4_quantize)(w)
+    x = torch.randn(5, 256, generator=g, dtype=torch.float32)
+    # independent dequantization: per-element table lookups and per-block scale products
+    if fmt == "fp8":
+        wd = lin.weight.float() * torch.pow(2.0, lin.scale.view(torch.uint8).float() - 127).repeat_interleave(
+            128, 0).repeat_interleave(128, 1)[:96, :256]
+    else:
+        b = lin.weight.view(torch.uint8).long()
+        codes = torch.stack([b & 15, b >> 4], -1).flatten(-2)
+        wd = mxfp4.E2M1_VALUES[codes] * torch.pow(2.0, lin.scale.view(torch.uint8).float() - 127).repeat_interleave(32, 1)
+    ref = mxfp4.fp8_roundtrip(x, 128) @ wd.T  # FP8 activations in blocks of 128, fp32 accumulation
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)  # fp32 GEMM, only summation order differs
+
+
+# ------------------------------------------------------------------------------------ config
+def test_configs_read_both_formats_and_match_flash_preset():
+    inf = ModelArgs.from_json(os.path.join(SHARED, "deepseek-v4-flash.inference.json"))
+    hf = ModelArgs.from_json(os.path.join(SHARED, "deepseek-v4-flash.config.json"))
+    assert inf == flash() and hf == flash()
+    assert pro().n_layers == 61 and len(pro().compress_ratios) == 62 and pro().compress_ratios[:3] == [128, 128, 4]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("window_size"), "missing config key(s) ['window_size']"),
+    (lambda c: c.update(window_sise=128), "unknown config key(s) ['window_sise']"),
+    (lambda c: c.update(compress_ratios=[0, 4]), "compress_ratios has 2 entries"),
+])
+def test_config_errors(tmp_path, edit, message):
+    cfg = json.load(open(os.path.join(SHARED, "deepseek-v4-flash.inference.json")))
+    edit(cfg)
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"c.json: .*{message[:30]}".replace("[", r"\[").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        ModelArgs.from_json(tmp_path / "c.json")
+
+
+# ------------------------------------------------------------------------------------ model math
+def test_yarn_tables_match_spec_and_oracle():
+    a = flash()
+    f = rope_freqs(a, 4)
+    base = 1.0 / 160000 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    assert torch.allclose(f[:16].double(), base[:16], rtol=1e-6)  # pairs <= 15 untouched (lo = 15)
+    assert torch.allclose(f[25:].double(), base[25:] / 16, rtol=1e-6)  # pairs >= 25 divided by the factor (hi = 25)
+    assert torch.allclose(rope_freqs(a, 0).double(), 1.0 / 10000 ** (torch.arange(0, 64, 2) / 64).double(), rtol=1e-6)
+    from transformers import DeepseekV4Config
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
+    hf = DeepseekV4RotaryEmbedding(DeepseekV4Config(**{k: v for k, v in hf_config(a).items()
+                                                      if k not in ("torch_dtype",)}))
+    torch.testing.assert_close(f, hf.compress_inv_freq, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rope_freqs(a, 0), hf.main_inv_freq, rtol=1e-6, atol=0)
+
+
+def test_rope_is_interleaved_and_inverts():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 2, 128, generator=g)
+    cos, sin = rope_cos_sin(rope_freqs(small_args(), 4), torch.arange(100, 105))
+    y = apply_rope(x, cos[:, None], sin[:, None])
+    assert torch.equal(y[..., :64], x[..., :64])
+    # pair i of the trailing 64 dims is the complex number x[2i] + i x[2i+1], multiplied by e^{i phi}
+    z = torch.view_as_complex(x[..., 64:].reshape(5, 2, 32, 2).contiguous()) * torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))[:, None]
+    torch.testing.assert_close(y[..., 64:], torch.view_as_real(z).flatten(-2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(apply_rope(y, cos[:, None], -sin[:, None]), x, rtol=1e-5, atol=1e-5)
+
+
+def test_sinkhorn_order_and_doubly_stochastic():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(50, 4, 4, generator=g) * 3  # sharp logits: the hardest case for the iteration order
+    out = sinkhorn(logits, 20, 1e-6)
+    # independent float64 loop in the spec's order: row softmax + eps, column norm, then 19 x (row, column)
+    ref = []
+    for c in logits.double().numpy():
+        c = np.exp(c - c.max(1, keepdims=True))
+        c = c / c.sum(1, keepdims=True) + 1e-6
+        c = c / (c.sum(0, keepdims=True) + 1e-6)
+        for _ in range(19):
+            c = c / (c.sum(1, keepdims=True) + 1e-6)
+            c = c / (c.sum(0, keepdims=True) + 1e-6)
+        ref.append(c)
+    np.testing.assert_allclose(out.numpy(), np.stack(ref), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out.sum(-2), torch.ones(50, 4), atol=1e-5)  # columns: the last step normalises them
+    assert (out > 0).all()
+    # rows converge with the rounds: within 1e-3 after 20 for unit-scale logits (sharp ones converge slower)
+    mild = sinkhorn(torch.randn(500, 4, 4, generator=g), 20, 1e-6)
+    assert torch.allclose(mild.sum(-1), torch.ones(500, 4), atol=1e-3) and torch.allclose(mild.sum(-2), torch.ones(500, 4), atol=1e-5)
+
+
+def test_shared_expert_has_no_clamp_routed_expert_does():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 256, generator=g) * 8  # large inputs push pre-activations past the limit of 10
+    shared, routed = Expert(256, 128, "bf16", torch.float32), Expert(256, 128, "bf16", torch.float32, limit=10.0)
+    for e in (shared, routed):
+        for lin in (e.w1, e.w2, e.w3):
+            lin.weight.data = torch.randn(lin.weight.shape, generator=g) * lin.in_features ** -0.5
+    routed.load_state_dict(shared.state_dict())
+    gate, up = x @ shared.w1.weight.T, x @ shared.w3.weight.T
+    assert gate.max() > 10 and up.abs().max() > 10
+    silu = lambda v: v / (1 + torch.exp(-v))
+    torch.testing.assert_close(shared(x), (silu(gate) * up) @ shared.w2.weight.T, rtol=1e-5, atol=1e-4)
+    w = torch.rand(6, 1, generator=g)
+    ref = (w * silu(gate.clamp(max=10)) * up.clamp(-10, 10)) @ routed.w2.weight.T
+    torch.testing.assert_close(routed(x, w), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def oracle_ckpt(tmp_path_factory):
+    """A tiny random fp32 checkpoint in the official layout, with every layer kind."""
+    args = small_args()
+    model = random_model(args, seed=1)
+    path = tmp_path_factory.mktemp("ckpt")
+    write_checkpoint(model, path, hf_config(args))
+    return args, model, path
+
+
+def test_oracle_parity_with_transformers(oracle_ckpt):
+    """max |dlogits| <= 1e-4 against transformers' independent DeepseekV4ForCausalLM at every position of a
+    640-token sequence: 2 window-only, 2 CSA (top-16 of up to 160 entries) and 2 HCA layers (5 entries),
+    hash and learned MoE."""
+    from transformers import DeepseekV4ForCausalLM
+    args, _, path = oracle_ckpt
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    ours = load_model(path, dtype=torch.float32)
+    # transformers clamps the shared expert, the official code does not: keep its inputs below the clamp
+    pre = []
+    hooks = [b.ffn.shared_experts.w1.register_forward_hook(lambda m, i, o: pre.append(o.abs().max()))
+             for b in ours.layers] + [b.ffn.shared_experts.w3.register_forward_hook(
+                 lambda m, i, o: pre.append(o.abs().max())) for b in ours.layers]
+    ids = torch.randint(0, args.vocab_size, (2, 640), generator=torch.Generator().manual_seed(9))
+    mine, ref = ours(ids), hf.eval()(ids).logits
+    for h in hooks:
+        h.remove()
+    assert max(pre) < 8, "shared-expert pre-activations reached the clamp: the oracle would diverge by design"
+    err = (mine - ref).abs().max().item()
+    assert err <= 1e-4, err
+
+
+def test_mtp_block_matches_oracle_block(oracle_ckpt, tmp_path):
+    """The MTP block is one window-only Block with its own hc_head/norm; transformers has no MTP, so load the
+    MTP weights as a 1-layer transformers model and feed it the spec's X0 (spec §8) built here by hand."""
+    from transformers import DeepseekV4ForCausalLM
+    args, model, _ = oracle_ckpt
+    sd = model.state_dict()
+    one = {}
+    for k, v in sd.items():
+        if k.startswith("mtp.0."):
+            k = k[6:]
+            if k.split(".")[0] in ("attn", "ffn", "attn_norm", "ffn_norm") or k.startswith("hc_attn") or k.startswith("hc_ffn"):
+                one["layers.0." + k] = v
+            elif k.startswith("norm.") or k.startswith("hc_head"):
+                one[k] = v
+        elif k in ("embed.weight", "head.weight"):
+            one[k] = v
+    cfg = hf_config(dataclasses.replace(args, n_layers=1, n_hash_layers=0, compress_ratios=[0]))
+    write_checkpoint(model, tmp_path, cfg, state=one)
+    hf = DeepseekV4ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(10)
+    ids = torch.randint(0, args.vocab_size, (1, 200), generator=g)
+    logits, X = model(ids[:, :-1], return_hidden=True)
+    nxt = ids[:, 1:]
+
+    def rms(x, w):
+        return w * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+    e = rms(sd["embed.weight"][nxt], sd["mtp.0.enorm.weight"]) @ sd["mtp.0.e_proj.weight"].T
+    X0 = e[:, :, None] + rms(X, sd["mtp.0.hnorm.weight"]) @ sd["mtp.0.h_proj.weight"].T  # [B,S,n,d]
+    hf.model.layers[0].register_forward_pre_hook(lambda mod, a: (X0,) + a[1:])
+    ref = hf(nxt).logits
+    torch.testing.assert_close(model.mtp_forward(X, nxt), ref, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ caches
+@pytest.fixture(scope="module")
+def cached_setup():
+    args = small_args()
+    model = random_model(args, seed=2)
+    ids = torch.randint(0, args.vocab_size, (2, 612), generator=torch.Generator().manual_seed(11))
+    logits, X = model(ids, return_hidden=True)
+    return model, ids, logits, X
+
+
+W = 128
+
+
+@pytest.mark.parametrize("length", [1, 3, 4, 5, 7, 8, W - 1, W, W + 1, 127, 128, 129, 255, 256, 257, 601])
+def test_prefill_then_decode_equals_full_forward(cached_setup, length):
+    model, ids, full, _ = cached_setup
+    cache = model.new_cache(2, 1024)
+    outs = [model(ids[:, :length], 0, cache)]
+    for p in range(length, length + 9):  # decode across the next block / window boundaries
+        outs.append(model(ids[:, p:p + 1], p, cache))
+    torch.testing.assert_close(torch.cat(outs, 1), full[:, :length + 9], rtol=0, atol=1e-4)  # fp32
+
+
+@pytest.mark.parametrize("chunks", [[3, 5, 7, 13], [1, 6, 129, 2], [127, 131, 9]])
+def test_chunked_prefill_equals_full_forward(cached_setup, chunks):
+    model, ids, full, _ = cached_setup
+    cache, outs, p, i = model.new_cache(2, 1024), [], 0, 0
+    while p < 612:
+        n = min(chunks[i % len(chunks)], 612 - p)
+        outs.append(model(ids[:, p:p + n], p, cache))
+        p, i = p + n, i + 1
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-4)
+
+
+def test_token_by_token_decode_from_the_first_token(cached_setup):
+    model, ids, full, X = cached_setup
+    cache = model.new_cache(2, 1024)
+    outs, mtp_outs = [], []
+    for p in range(300):  # crosses W, the HCA block at 128 and 256, many CSA blocks
+        lg, Xp = model(ids[:, p:p + 1], p, cache, return_hidden=True)
+        outs.append(lg)
+        mtp_outs.append(model.mtp_forward(Xp, ids[:, p + 1:p + 2], p, cache))  # MTP keeps its own window
+    torch.testing.assert_close(torch.cat(outs, 1), full[:, :300], rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.cat(mtp_outs, 1), model.mtp_forward(X[:, :300], ids[:, 1:301]), rtol=0, atol=1e-4)
+
+
+def test_cache_capacity_is_enforced(cached_setup):
+    model, ids, _, _ = cached_setup
+    with pytest.raises(ValueError, match="cache capacity"):
+        model(ids[:, :300], 0, model.new_cache(2, 256))
+    with pytest.raises(ValueError, match="start_pos > 0"):
+        model(ids[:, :3], 5)
+
+
+# ------------------------------------------------------------------------------------ quantized checkpoints
+def quantized_state(model: Transformer, args: ModelArgs) -> dict:
+    """The official FP8/FP4 layout from a float model: FP8 + 128x128 e8m0 scales for the dense projections
+    (wo_a included), int8-packed e2m1 + per-32 e8m0 scales for routed experts."""
+    dense = re.compile(r"(\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|\.indexer\.wq_b|_proj|\.shared_experts\.w[123])\.weight$")
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(".weight") and ".experts." in k and ".shared_experts." not in k:
+            sd[k], sd[k[:-6] + "scale"] = (t.contiguous() for t in mxfp4.mxfp4_quantize(v))
+            sd[k] = sd[k].view(torch.int8)
+        elif dense.search(k) and "weights_proj" not in k:
+            sd[k], sd[k[:-6] + "scale"] = mxfp4.fp8_block_quantize(v)
+        else:
+            sd[k] = v
+    return sd
+
+
+def test_fp8_checkpoint_loads_and_applies_the_round_trips(tmp_path):
+    args = small_args()
+    model = random_model(args, seed=3)
+    cfg = hf_config(args, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                               "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
+    sd = quantized_state(model, args)
+    write_checkpoint(model, tmp_path, cfg, state=sd)
+    q = load_model(tmp_path, dtype=torch.float32)
+    assert q.args.dtype == "fp8" and q.args.expert_dtype == "fp4"
+    lin = q.layers[2].attn.wq_b
+    assert lin.weight.dtype == torch.float8_e4m3fn and torch.equal(lin.weight.view(torch.uint8), sd["layers.2.attn.wq_b.weight"].view(torch.uint8))
+    assert q.layers[4].ffn.experts[3].w2.weight.dtype == torch.float4_e2m1fn_x2
+    torch.testing.assert_close(q.layers[2].attn.wo_a.weight, mxfp4.fp8_block_dequantize(
+        sd["layers.2.attn.wo_a.weight"], sd["layers.2.attn.wo_a.scale"]))  # dequantized at load, as convert.py does
+    ids = torch.randint(0, args.vocab_size, (1, 300), generator=torch.Generator().manual_seed(12))
+    cache = q.new_cache(1, 512)
+    out = torch.cat([q(ids[:, :200], 0, cache), q(ids[:, 200:], 200, cache)], 1)
+    torch.testing.assert_close(out, q(ids), rtol=0, atol=1e-4)
+    # the window KV and the compressed entries carry FP8-rounded non-RoPE dims (blocks of 64) ...
+    W = args.window_size  # rows [0, W) of a layer's pool are the window ring, compressed entries follow
+    for c in (cache[2].kv[:W], cache[3].kv[W:W + 2], cache[2].kv[W:W + 75]):
+        nope = c[..., :-64]
+        assert torch.equal(mxfp4.fp8_roundtrip(nope, 64), nope)
+    # ... and the indexer keys are FP4 values after the Hadamard rotation (blocks of 32)
+    keys = cache[2].index_keys[:75]
+    assert torch.equal(mxfp4.fp4_roundtrip(keys, 32), keys)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda sd: sd.pop("layers.3.attn.compressor.ape"), "missing tensor layers.3.attn.compressor.ape"),
+    (lambda sd: sd.update({"layers.1.attn.wq_b.weight": sd["layers.1.attn.wq_b.weight"][:, :64]}),
+     r"tensor layers.1.attn.wq_b.weight has shape \(512, 64\), expected \(512, 128\)"),
+    (lambda sd: sd.update({"layers.0.attn.attn_sink": sd["layers.0.attn.attn_sink"].to(torch.int32)}),
+     "tensor layers.0.attn.attn_sink has dtype torch.int32"),
+    (lambda sd: sd.update({"layers.0.attn.extra": torch.zeros(2)}), "unexpected tensor layers.0.attn.extra"),
+])
+def test_checkpoint_errors_name_the_tensor(oracle_ckpt, tmp_path, corrupt, message):
+    args, model, _ = oracle_ckpt
+    sd = dict(model.state_dict())
+    corrupt(sd)
+    write_checkpoint(model, tmp_path, hf_config(args), state=sd)
+    with pytest.raises(ValueError, match=message):
+        load_model(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ generate.py
+# Llama-3's tokenizer.json split regex (cl100k's without possessives, which Oniguruma reads differently)
+LLAMA3_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+CORPUS = ["The quick brown fox jumps over the lazy dog, again and again.", "Numbers 1234567 and 3.14159 add up",
+          "héllo wörld 你好 世界 héllo wörld", "emoji 🙂🚀 and    spaced\ttabs\n\nnew lines",
+          "it's we're they'll I'd"]
+TEXTS = ["Hello world", "digits 0123456789 12 345", "héllo wörld 你好", "🙂 🚀🙂", "a    b\t\t c\n\n\nd  ",
+         "It's the fox's 99 dogs!!", " leading space and trailing  "]
+
+
+def _hf_tokenizer(tmp_path, split_regex=None):
+    """Train a ~400-token byte-level BPE; with split_regex, pre-tokenize DeepSeek-style (Split + ByteLevel)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    if split_regex:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_regex), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|user|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return tok, path
+
+
+@pytest.mark.parametrize("split_regex", [None, LLAMA3_PAT])
+def test_hf_tokenizer_conversion_matches_tokenizers(tmp_path, split_regex):
+    hf, path = _hf_tokenizer(tmp_path, split_regex)
+    enc, eos = G.load_tokenizer(tmp_path)
+    assert eos == hf.token_to_id("<|endoftext|>")  # no config.json: found by name among the added tokens
+    for text in TEXTS + ["<|user|>Hi<|endoftext|>"]:
+        ids = enc.encode(text, allowed_special="all")
+        assert ids == hf.encode(text).ids, text
+        assert enc.decode(ids) == text
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1}))
+    assert G.load_tokenizer(tmp_path)[1] == 1  # config.json wins
+
+
+def test_hf_tokenizer_bad_merge_order_is_a_clear_error(tmp_path):
+    _, path = _hf_tokenizer(tmp_path)
+    tj = json.loads(path.read_text())
+    tj["model"]["merges"][:2] = tj["model"]["merges"][1::-1]  # second merge's token now comes first
+    path.write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match="merge 1"):
+        G.load_tokenizer(tmp_path)
+
+
+def test_sample_greedy_and_top_p():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 300, generator=g) * 3
+    assert torch.equal(G.sample(logits, 0.0, 1.0, g), logits.argmax(-1))
+    for _ in range(20):  # p below every top probability leaves only the argmax
+        assert torch.equal(G.sample(logits, 0.7, 1e-6, g), logits.argmax(-1))
+    # top_p = 1: empirical frequencies of 20k draws match softmax(logits / T); the standard error of a
+    # frequency is at most sqrt(0.25 / 20000) = 0.0035, so 0.015 is over 4 sigma
+    row = torch.randn(1, 10, generator=g)
+    draws = G.sample(row.expand(20000, 10), 0.8, 1.0, torch.Generator().manual_seed(2))
+    freq = torch.bincount(draws, minlength=10).float() / draws.numel()
+    assert (freq - torch.softmax(row[0] / 0.8, -1)).abs().max() < 0.015
+    # top_p = 0.5 draws only from the smallest prefix of the sorted probabilities that reaches 0.5
+    p, order = torch.softmax(row[0] / 0.8, -1).sort(descending=True)
+    allowed = set(order[:int((p.cumsum(0) < 0.5).sum()) + 1].tolist())
+    assert set(G.sample(row.expand(2000, 10), 0.8, 0.5, torch.Generator().manual_seed(3)).tolist()) == allowed
+
+
+def test_generate_greedy_matches_no_cache_recompute():
+    model = init_random_(Transformer(tiny(vocab_size=512, max_seq_len=256), torch.float32), seed=3).eval()
+    prompt = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    seen = []
+    out = G.generate(model, prompt, 8, temperature=0.0, on_token=seen.append)
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(8):  # slow path: the full sequence from position 0, no cache
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[20:] and seen == out
+    # sampling is reproducible from the seed
+    kw = dict(temperature=1.0, top_p=0.9, seed=7)
+    assert G.generate(model, prompt, 6, **kw) == G.generate(model, prompt, 6, **kw)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_bad_input(tmp_path):
+    empty, long = tmp_path / "empty.txt", tmp_path / "long.txt"
+    empty.write_text("  \n\t")
+    long.write_text("the quick brown fox " * 40)  # 161 tokens
+    cases = [(["--prompt-file", tmp_path / "nope.txt"], "does not exist"),
+             (["--prompt-file", empty], "is empty"),
+             (["--prompt-file", long, "--max-seq-len", 64], "161 tokens but the context holds 64"),
+             (["--prompt-file", long, "--ckpt", tmp_path / "no_ckpt"], "does not exist"),
+             (["--prompt-file", long, "--top-p", 0], "--top-p")]
+    with ThreadPoolExecutor(len(cases)) as pool:  # each run is mostly interpreter start-up: overlap them
+        results = list(pool.map(lambda c: _cli(*c[0]), cases))
+    for (args, msg), r in zip(cases, results):
+        assert r.returncode != 0, args
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and msg in lines[0], r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_cli_happy_path(tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Once upon a time")
+    r = _cli("--prompt-file", prompt, "--max-new-tokens", 4, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "untrained tiny model with random weights" in r.stderr
+    assert "prompt 4 tokens" in r.stderr and "generated 4 tokens" in r.stderr and "tokens/s" in r.stderr
+
+
+def test_cli_streams_multibyte_text_split_across_tokens(tmp_path, monkeypatch, capsys):
+    text = "你好🙂 héllo 𝔘𝔫𝔦"  # cl100k splits the emoji and the fraktur letters across tokens
+    enc, _ = G.load_tokenizer(None)
+    ids = enc.encode(text)
+
+    def fake_generate(model, prompt_ids, n, temperature, top_p, seed, on_token, eos_id, stats):
+        for t in ids:
+            on_token(t)
+        stats.update(prefill_s=1.0, decode_s=1.0, decode_steps=len(ids) - 1)
+        return ids
+
+    monkeypatch.setattr(G, "generate", fake_generate)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Hi", encoding="utf-8")
+    assert G.main(["--prompt-file", str(prompt), "--device", "cpu", "--max-seq-len", "64"]) == 0
+    assert capsys.readouterr().out == text + "\n"
