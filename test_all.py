@@ -605,3 +605,165 @@ def test_cli_streams_multibyte_text_split_across_tokens(tmp_path, monkeypatch, c
     prompt.write_text("Hi", encoding="utf-8")
     assert G.main(["--prompt-file", str(prompt), "--device", "cpu", "--max-seq-len", "64"]) == 0
     assert capsys.readouterr().out == text + "\n"
+
+
+# ------------------------------------------------------------------------------------ kvcache.py
+from kvcache import Engine, plan  # noqa: E402
+
+
+def reference_logits(model, tokens: list) -> torch.Tensor:
+    return model(torch.tensor([tokens]))[0]
+
+
+def check_against_forward(model, engine, prompts, n_new, atol=1e-4):
+    """Every finished request: greedy tokens and the logits that chose them equal the no-cache forward."""
+    done = {s.rid: s for s in engine.finished}
+    assert len(done) == len(prompts)
+    for rid, p in enumerate(prompts):
+        s = done[rid]
+        assert len(s.out) == n_new
+        ref = reference_logits(model, p + s.out)[len(p) - 1:]  # [n_new + 1, V]; the last row is unused
+        torch.testing.assert_close(torch.stack(s.logits), ref[:n_new], rtol=0, atol=atol)
+        assert s.out == ref[:n_new].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("policy", ["recompute", "store"])
+def test_engine_matches_no_cache_forward_with_hits(policy):
+    """Boundary lengths, a hit at an aligned point (a 512-token shared prefix), an unaligned one (300 shared:
+    hit at 256), chunked prefill under a 100-token budget, batched decode of sequences at different lengths."""
+    model = random_model(small_args(), seed=4)
+    g = torch.Generator().manual_seed(13)
+    base = torch.randint(0, 512, (600,), generator=g).tolist()
+    fresh = lambda n: torch.randint(0, 512, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [base, base[:512] + fresh(1), base[:300] + fresh(5)] + [fresh(n) for n in (1, 4, 127, 129, 255, 257)]
+    e = Engine(model, 64 << 20, policy=policy, max_seqs=4, token_budget=100, keep_logits=True, log=lambda *a: None)
+    for p in prompts:
+        e.add(p, 4)
+    while e.waiting or e.running:
+        e.step()
+        e.check()
+    check_against_forward(model, e, prompts, 4)
+    m = e.metrics
+    assert [s.hit_tokens for s in sorted(e.finished, key=lambda s: s.rid)][:3] == [0, 512, 256]
+    assert m.hit_tokens["window"] == (768 if policy == "store" else 0)
+    # recompute replays L*(W-1) = 762 tokens back (page-aligned): both hits replay from position 0
+    assert m.recomputed_tokens == (768 if policy == "recompute" else 0)
+
+
+def test_engine_recompute_replays_from_the_middle():
+    """With a hit deeper than L*(W-1), the replay starts mid-sequence: its first window positions are absent
+    and its compressor outputs are discarded, yet the rebuilt window is exact."""
+    model = random_model(micro_args(), seed=9)
+    g = torch.Generator().manual_seed(17)
+    base = torch.randint(0, 64, (100,), generator=g).tolist()
+    prompts = [base, base[:90] + [5, 6]]  # hit at 80; L*(W-1) = 30, so the replay runs over 48..80
+    e = Engine(model, 0, policy="recompute", max_seqs=2, page=16, keep_logits=True, log=lambda *a: None, pages=16)
+    for p in prompts:
+        e.add(p, 6)
+        e.run()
+    check_against_forward(model, e, prompts, 6)
+    assert e.finished[1].hit_tokens == 80 and e.metrics.recomputed_tokens == 32
+
+
+def test_pool_reuses_unreusable_pages_first_and_evicts_tails_first():
+    from kvcache import Pool
+    p = Pool("csa", 4, 1)
+    pages = [p.alloc() for _ in range(4)]
+    for i, h in zip(pages[:3], (b"a", b"b", b"c")):  # a prefix of three pages, and an unfinished tail
+        p.publish(i, h)
+    for i in reversed(pages):  # a finished sequence releases its tail first
+        p.release(i)
+    p.check()
+    assert p.alloc() == pages[3]  # the page with nothing reusable goes first
+    assert p.alloc() == pages[2] and p.evictions == 1  # then the deepest prefix page, least recently released
+    assert p.index == {b"a": pages[0], b"b": pages[1]}
+    with pytest.raises(AssertionError, match="released more often"):
+        p.release(pages[3]), p.release(pages[3])
+
+
+def micro_args(**kw) -> ModelArgs:
+    """A V4 shrunk so a page is 16 positions (window 16; a CSA layer and an HCA-style layer of ratio 16)."""
+    return tiny(vocab_size=64, dim=128, moe_inter_dim=128, n_layers=2, n_hash_layers=1, n_heads=2, n_routed_experts=4,
+                q_lora_rank=128, o_lora_rank=64, window_size=16, index_n_heads=16, index_topk=4,
+                compress_ratios=[4, 16, 0], **kw)
+
+
+@pytest.mark.parametrize("policy", ["recompute", "store"])
+def test_engine_fuzz_under_memory_pressure(policy):
+    """2000 random requests per policy (random lengths, shared prefixes, random finishes) through
+    12-page pools: invariants after every step, and every output checked by teacher forcing."""
+    args = micro_args()
+    model = random_model(args, seed=5)
+    g = torch.Generator().manual_seed(14 if policy == "store" else 15)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    bases = [torch.randint(0, 64, (48,), generator=g).tolist() for _ in range(6)]
+    e = Engine(model, 0, policy=policy, max_seqs=8, token_budget=64, page=16, log=lambda *a: None, pages=12)
+    want = {}
+    for i in range(2000):
+        prompt = bases[rand(0, 6)][:rand(0, 48)] + torch.randint(0, 64, (rand(1, 5),), generator=g).tolist()
+        want[e.add(prompt, rand(1, 5), eos_id=rand(0, 64))] = prompt
+        if i % 4 == 0:  # requests arrive while others run
+            e.step()
+            e.check()
+    while e.waiting or e.running:
+        e.step()
+        e.check()
+    assert len(e.finished) == 2000
+    by_len = {}
+    for s in e.finished:
+        by_len.setdefault(len(want[s.rid]) + len(s.out), []).append(s)
+    for n, group in by_len.items():  # teacher forcing, batched by length: each token is the argmax so far
+        logits = model(torch.tensor([want[s.rid] + s.out for s in group]))
+        for s, row in zip(group, logits):
+            pred = row[len(want[s.rid]) - 1:].argmax(-1).tolist()  # len(out) + 1 predictions
+            eos = s.params["eos_id"]
+            assert s.out == pred[:len(s.out)] and eos not in s.out, s.rid
+            assert len(s.out) == s.max_new or pred[len(s.out)] == eos, s.rid
+    assert e.metrics.preemptions > 0 and sum(p.evictions for p in e.pools.values()) > 0
+    assert e.metrics.hit_tokens["overall"] > 0
+
+
+def test_cache_geometry_matches_spec_and_allocations():
+    # V4-Flash, bf16 entries (the reference keeps caches in bf16): spec §10 per-token bytes
+    pb, _ = plan(flash(), 80 << 30, "store", 8, 256, 2)
+    per_tok = {k: v / 256 for k, v in pb.items()}
+    assert per_tok["csa"] == 21 * (256 + 64) and per_tok["hca"] == 20 * 8  # CSA KV + indexer keys; HCA
+    assert per_tok["csa"] + per_tok["hca"] == 6880  # spec §10.2, BF16 column
+    assert per_tok["window"] * 128 / 43 == 128 * 1024  # 128 KiB per sequence per layer at W = 128
+    # recompute keeps only compressed entries for cached prefixes: >= 3x the cached tokens at equal memory
+    cap = {p: plan(flash(), 80 << 30, p, 8, 256, 2)[1]["csa"] for p in ("store", "recompute")}
+    assert cap["recompute"] >= 3 * cap["store"]
+    # the tiny engine's allocated pools hold exactly what plan() says
+    model = random_model(small_args(), seed=6)
+    e = Engine(model, 64 << 20, policy="store", max_seqs=2, log=lambda *a: None)
+    kv_bytes = sum(t.numel() * t.element_size() for t in e.kv.values()) + sum(
+        t.numel() * t.element_size() for t in e.ikeys.values())
+    carry = sum(t.numel() * 4 for ts in e.carry.values() for t in ts)
+    expect = sum(p.n * p.page_bytes for k, p in e.pools.items() if k != "carry")
+    assert kv_bytes == expect and carry == e.pools["carry"].n * e.pools["carry"].page_bytes
+
+
+def test_prefix_survives_a_stream_of_long_requests():
+    """vLLM's retention collapse: window pages freed as a long request's window slides must be reused
+    before anyone's cached prefix. Request 1 must still hit after K-1 others of the same size."""
+    args = micro_args()
+    model = random_model(args, seed=7)
+    e = Engine(model, 0, policy="recompute", max_seqs=1, page=16, log=lambda *a: None, pages=40)
+    n_pages = e.pools["csa"].n
+    g = torch.Generator().manual_seed(16)
+    first = torch.randint(0, 64, (16 * 8 + 1,), generator=g).tolist()
+    reqs = [first] + [torch.randint(0, 64, (16 * 8 + 1,), generator=g).tolist() for _ in range(n_pages // 9 - 1)]
+    assert len(reqs) >= 3
+    for p in reqs + [first]:
+        e.add(p, 1)
+        e.run()
+    assert e.finished[-1].hit_tokens == 16 * 8
+    assert sum(p.evictions for p in e.pools.values()) == 0
+
+
+def test_request_that_can_never_fit_is_a_clear_error():
+    args = micro_args()
+    model = random_model(args, seed=8)
+    e = Engine(model, 0, policy="store", max_seqs=1, page=16, log=lambda *a: None, pages=40)
+    with pytest.raises(ValueError, match="pages but the pool holds"):
+        e.add(list(range(60)) * 20, 4)

@@ -1,0 +1,454 @@
+"""The paged three-cache manager: page pools per cache kind, block tables, chained prefix hashes with LRU
+reuse, the two window policies, continuous batching with chunked prefill, and metrics.
+
+One logical page = PAGE token positions (a multiple of lcm(4, 128) = 128; 256 as in vLLM and SGLang, so
+a CSA page holds 64 entries and an HCA page 2). Page kinds and what a page holds, per layer:
+  window  PAGE raw KV rows (every layer)            csa    PAGE/4 compressed rows + PAGE/4 indexer keys
+  hca     PAGE/128 compressed rows (HCA layers)     carry  the CSA compressors' previous-block rows at the
+                                                           page's end boundary (store policy only)
+A window, csa or hca page id addresses the same rows in every layer of its kind (see LayerCache)."""
+import hashlib
+import math
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import torch
+
+from attention import LayerCache, new_compressor_state
+
+
+def plan(args, budget_bytes: int, policy: str, max_seqs: int, page: int = 256, elem: int = 2, pages=None):
+    """Bytes of one page of each kind, and how many pages of each kind a memory budget buys. Each running
+    sequence needs its compressor state (fp32) and, under recompute, at most 3 window pages (a chunk never
+    crosses a page boundary and W <= page); the rest buys prefix pages, each costing csa + hca, plus
+    window + carry under store. `pages` fixes the prefix page count instead (small test pools)."""
+    ratios = args.compress_ratios[:args.n_layers]
+    D, cI, L = args.head_dim, args.index_head_dim, len(ratios)
+    n_csa, hca = ratios.count(4), [r for r in ratios if r > 4]
+    page_bytes = {"window": L * page * D * elem, "csa": n_csa * page // 4 * (D + cI) * elem,
+                  "hca": sum(page // r for r in hca) * D * elem, "carry": n_csa * 4 * (D + cI) * 2 * 4}
+    state = max_seqs * 4 * 2 * (n_csa * 8 * 2 * (D + cI) + sum(hca) * D)
+    kinds = [k for k in ("csa", "hca") if page_bytes[k]] + (["window", "carry"] if policy == "store" else [])
+    fixed = state + (3 * max_seqs * page_bytes["window"] if policy == "recompute" else 0)
+    n = pages or (budget_bytes - fixed) // max(sum(page_bytes[k] for k in kinds), 1)
+    if n < 4:
+        raise ValueError(f"a budget of {budget_bytes / 2**30:.3f} GiB leaves room for {max(n, 0)} pages of "
+                         f"{page} tokens; raise it or lower max_seqs")
+    counts = {k: (n if k in kinds else 0) for k in page_bytes}
+    counts["window"] = n if policy == "store" else 3 * max_seqs
+    return page_bytes, counts
+
+
+class Pool:
+    """The pages of one kind. A page is in use (ref > 0), cached (ref 0 but holding a published prefix
+    page, LRU order) or free (ref 0, nothing reusable). alloc() takes free pages first, so pages without
+    reusable content (window pages that slid out, unfinished tails) go before anyone's cached prefix."""
+
+    def __init__(self, kind: str, n: int, page_bytes: int):
+        self.kind, self.n, self.page_bytes = kind, n, page_bytes
+        self.ref, self.key = [0] * n, [None] * n
+        self.free, self.cached, self.index = deque(range(n)), OrderedDict(), {}  # index: hash -> page
+        self.evictions = 0
+
+    def alloc(self) -> int | None:
+        if self.free:
+            p = self.free.popleft()
+        elif self.cached:  # evict the least recently released cached page
+            p, _ = self.cached.popitem(last=False)
+            del self.index[self.key[p]]
+            self.key[p], self.evictions = None, self.evictions + 1
+        else:
+            return None
+        self.ref[p] = 1
+        return p
+
+    def take(self, p: int):
+        """Reference a page found through the index."""
+        if self.ref[p] == 0:
+            del self.cached[p]
+        self.ref[p] += 1
+
+    def release(self, p: int):
+        self.ref[p] -= 1
+        assert self.ref[p] >= 0, f"{self.kind} page {p} released more often than referenced"
+        if self.ref[p] == 0:
+            if self.key[p] is None:
+                self.free.append(p)
+            else:
+                self.cached[p] = None
+
+    def publish(self, p: int, h: bytes):
+        """Page p now holds the prefix page with hash h (a first copy wins; a duplicate stays unpublished)."""
+        if h not in self.index and self.key[p] is None:
+            self.key[p], self.index[h] = h, p
+
+    def check(self):
+        used = sum(r > 0 for r in self.ref)
+        assert len(self.free) + len(self.cached) + used == self.n, f"{self.kind}: free + cached + in use != total"
+        assert min(self.ref, default=0) >= 0 and all(self.key[p] is not None and self.ref[p] == 0 for p in self.cached)
+        assert all(self.key[p] == h for h, p in self.index.items())
+
+
+@dataclass
+class Seq:
+    rid: int
+    tokens: list  # prompt, then generated ids
+    n_prompt: int
+    max_new: int
+    params: dict  # sampling settings, handed to the sampler
+    arrived: float
+    pos: int = 0  # tokens whose KV is in the cache
+    slot: int = -1  # row of the per-sequence compressor state
+    pages: dict = field(default_factory=dict)  # kind -> page per logical page index (-1 = none held)
+    published: int = 0  # logical pages published so far
+    replay_start: int = 0  # a recompute hit replays [replay_start, replay_end) to rebuild the window
+    replay_end: int = 0
+    first_token: float | None = None
+    hit_tokens: int = 0
+    done: bool = False
+    logits: list = field(default_factory=list)  # each emitted token's logits, when the engine keeps them
+
+    @property
+    def out(self):
+        return self.tokens[self.n_prompt:]
+
+
+@dataclass
+class Metrics:
+    prompt_tokens: int = 0
+    hit_tokens: dict = field(default_factory=lambda: {"overall": 0, "window": 0, "csa": 0, "hca": 0})
+    recomputed_tokens: int = 0
+    computed_tokens: int = 0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    preemptions: int = 0
+    ttft: list = field(default_factory=list)  # (seconds, hit tokens) per request
+
+
+class Engine:
+    """Continuous batching over the paged caches: requests join while others decode, finished ones leave,
+    prefill runs in chunks under a per-step token budget, and a request that does not fit waits or
+    preempts the newest running one (its pages go back; it resumes later, usually from its own prefix)."""
+
+    def __init__(self, model, budget_bytes: int, policy: str = "recompute", max_seqs: int = 16,
+                 token_budget: int = 1024, page: int = 256, sampler=None, log=print, keep_logits=False, pages=None):
+        a, dev = model.args, model.embed.weight.device
+        ratios = a.compress_ratios[:a.n_layers]  # the MTP block is not run by the engine
+        hca = sorted({r for r in ratios if r > 4})
+        if policy not in ("store", "recompute"):
+            raise ValueError(f"window policy must be 'store' or 'recompute', got {policy!r}")
+        if page % math.lcm(4, *hca) or page < a.window_size:
+            raise ValueError(f"page {page} must be a multiple of lcm(4, HCA ratios) and hold the window {a.window_size}")
+        if len(hca) > 1:
+            raise ValueError(f"one HCA ratio is supported, got {hca}")
+        self.model, self.args, self.policy, self.page, self.max_seqs = model, a, policy, page, max_seqs
+        self.token_budget, self.sampler, self.dev, self.ratios = token_budget, sampler, dev, ratios
+        self.keep_logits = keep_logits
+        self.m_hca = hca[0] if hca else 0
+        self.epp = {"csa": page // 4, "hca": page // self.m_hca if self.m_hca else 0}  # entries per page
+        D, cI = a.head_dim, a.index_head_dim
+        page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages)
+        self.pools = {k: Pool(k, c, page_bytes[k]) for k, c in counts.items() if page_bytes[k]}
+        dt, nw = model.dtype, counts["window"] * page
+        self.kv, self.ikeys, self.state, self.istate, self.carry = {}, {}, {}, {}, {}
+        for l, r in enumerate(ratios):  # one row pool per layer: window pages, then compressed pages
+            nc = counts["csa"] * self.epp["csa"] if r == 4 else counts["hca"] * self.epp["hca"] if r else 0
+            self.kv[l] = torch.zeros(nw + nc, D, dtype=dt, device=dev)
+            if r:
+                self.state[l] = new_compressor_state(max_seqs, r, D, dev)
+            if r == 4:
+                self.ikeys[l] = torch.zeros(nc, cI, dtype=dt, device=dev)
+                self.istate[l] = new_compressor_state(max_seqs, 4, cI, dev)
+                c = counts["carry"]
+                self.carry[l] = [torch.zeros(c, 4, w, device=dev) for w in (D, D, cI, cI)]  # kv, score, ikv, iscore
+        self.bytes_per_token = {k: p.page_bytes / page for k, p in self.pools.items()}
+        self.waiting, self.running, self.finished = deque(), [], []
+        self.free_slots, self.page_tokens, self.metrics, self.next_rid = list(range(max_seqs)), {}, Metrics(), 0
+        log(f"kv cache: policy {policy}, page {page} tokens, pages " + ", ".join(
+            f"{k} {p.n}" for k, p in self.pools.items()) + f"; minimum reusable prefix {page} tokens")
+
+    # ------------------------------------------------------------------------------ requests
+    def add(self, prompt: list, max_new: int, **params) -> int:
+        """Queue a request; returns its id. A request that can never fit gets a ValueError now."""
+        total = len(prompt) + max_new
+        if not prompt or total > self.args.max_seq_len:
+            raise ValueError(f"request of {len(prompt)} prompt + {max_new} new tokens does not fit the context "
+                             f"of {self.args.max_seq_len} tokens")
+        need = -(-total // self.page)
+        for k, p in self.pools.items():
+            want = 3 if (k == "window" and self.policy == "recompute") else need
+            if k != "carry" and want > p.n:
+                raise ValueError(f"request of {total} tokens needs {want} {k} pages but the pool holds {p.n}; "
+                                 "raise the memory budget")
+        s = Seq(self.next_rid, list(prompt), len(prompt), max_new, params, time.perf_counter())
+        self.next_rid += 1
+        self.waiting.append(s)
+        self.metrics.prompt_tokens += len(prompt)
+        return s.rid
+
+    def page_hash(self, parent: bytes, toks) -> bytes:
+        return hashlib.blake2b(parent + torch.tensor(toks, dtype=torch.int64).numpy().tobytes(), digest_size=16).digest()
+
+    def hashes(self, s: Seq, n_pages: int) -> list:
+        hs, h = [], b""
+        for i in range(n_pages):
+            h = self.page_hash(h, s.tokens[i * self.page:(i + 1) * self.page])
+            hs.append(h)
+        return hs
+
+    def lookup(self, kind: str, h: bytes, toks) -> int | None:
+        p = self.pools[kind].index.get(h)
+        return p if p is not None and self.page_tokens.get(h) == tuple(toks) else None  # verify the ids
+
+    def admit(self, s: Seq) -> bool:
+        """Resolve s's prefix hit and give it a state slot; False if it must wait."""
+        if not self.free_slots:
+            return False
+        k_max = (len(s.tokens) - 1) // self.page  # leave at least one token to compute
+        hs, hit = self.hashes(s, k_max), []
+        for i, h in enumerate(hs):
+            toks = s.tokens[i * self.page:(i + 1) * self.page]
+            got = {k: self.lookup(k, h, toks) for k in ("csa", "hca") if k in self.pools}
+            if None in got.values():
+                break
+            hit.append(got)
+        if self.policy == "store":  # the hit point also needs its window page and compressor carry
+            while hit:
+                i, toks = len(hit) - 1, s.tokens[(len(hit) - 1) * self.page:len(hit) * self.page]
+                w, c = self.lookup("window", hs[i], toks), self.lookup("carry", hs[i], toks) if "carry" in self.pools else -1
+                if w is not None and c is not None:
+                    hit[-1] = {**hit[-1], "window": w, "carry": c}
+                    break
+                hit.pop()
+        if len(hit) < k_max and hs[len(hit)] in self.in_flight():
+            return False  # another request is computing our next page right now: wait and share it
+        s.slot = self.free_slots.pop()
+        s.pages = {k: [] for k in self.pools}
+        for i, got in enumerate(hit):
+            for k in s.pages:
+                if k in got and got[k] >= 0:
+                    self.pools[k].take(got[k])
+                s.pages[k].append(got.get(k, -1))
+        P = len(hit) * self.page
+        first = s.first_token is None and s.hit_tokens == 0  # a preempted request is not counted twice
+        s.hit_tokens, s.published = P, len(hit)
+        self.reset_state(s, hit[-1].get("carry") if hit and self.policy == "store" else None)
+        m = self.metrics
+        for k in ("overall", "csa", "hca") + (("window",) if self.policy == "store" else ()):
+            m.hit_tokens[k] += P if first and (k in self.pools or k == "overall") else 0
+        if self.policy == "store":
+            s.pos = P
+        else:
+            # Recompute: layer l's window at P depends on layer l-1's window over the W-1 positions before,
+            # so an exact rebuild replays L*(W-1) tokens (the first layer's window needs only embeddings).
+            # Replayed tokens read the stored compressed entries and never rewrite them; outputs within
+            # (l+1)*(W-1) of the replay start are inexact for layer l but are not kept.
+            R = len(self.ratios) * (self.args.window_size - 1)
+            s.pos = s.replay_start = max(0, (P - R) // self.page * self.page)
+            s.replay_end = P
+            m.recomputed_tokens += P - s.pos
+        return True
+
+    def in_flight(self) -> set:
+        out = set()
+        for r in self.running:
+            k = (r.n_prompt - 1) // self.page
+            if r.published < k:
+                out.update(self.hashes(r, k)[r.published:])
+        return out
+
+    def reset_state(self, s: Seq, carry: int | None):
+        for l, (kv, sc) in self.state.items():
+            kv[s.slot], sc[s.slot] = 0.0, -math.inf
+        for l, (kv, sc) in self.istate.items():
+            kv[s.slot], sc[s.slot] = 0.0, -math.inf
+        if carry is not None:  # resume compression exactly: the block before the hit point
+            D, cI = self.args.head_dim, self.args.index_head_dim
+            for l, (ckv, csc, cikv, cisc) in self.carry.items():
+                self.state[l][0][s.slot, :4, :D], self.state[l][1][s.slot, :4, :D] = ckv[carry], csc[carry]
+                self.istate[l][0][s.slot, :4, :cI], self.istate[l][1][s.slot, :4, :cI] = cikv[carry], cisc[carry]
+
+    # ------------------------------------------------------------------------------ pages
+    def ensure(self, s: Seq, end: int) -> bool:
+        """Hold every page positions [s.pos, end) write to; False when a pool is exhausted."""
+        need = {"window": range(s.pos // self.page, -(-end // self.page))}
+        for k, m in (("csa", 4), ("hca", self.m_hca)):
+            if k in self.pools:
+                need[k] = range(-(-(end // m) // self.epp[k]))
+        for k, idx in need.items():
+            pages = s.pages[k]
+            for i in idx:
+                while len(pages) <= i:
+                    pages.append(-1)
+                if pages[i] < 0:
+                    p = self.pools[k].alloc()
+                    if p is None:
+                        return False
+                    pages[i] = p
+        return True
+
+    def release(self, s: Seq):
+        for k, pages in s.pages.items():  # tail first, so a prefix's deeper pages are evicted first
+            for i in reversed(range(len(pages))):
+                if pages[i] >= 0:
+                    self.pools[k].release(pages[i])
+        s.pages = {}
+        self.free_slots.append(s.slot)
+        s.slot = -1
+
+    def after_forward(self, s: Seq):
+        """Publish pages that just became complete; under recompute, drop window pages that slid out."""
+        full = s.pos // self.page
+        if s.published < full:
+            hs = self.hashes(s, full)
+            for i in range(s.published, full):
+                toks = tuple(s.tokens[i * self.page:(i + 1) * self.page])
+                self.page_tokens.setdefault(hs[i], toks)
+                for k in ("csa", "hca") + (("window",) if self.policy == "store" else ()):
+                    if k in self.pools and s.pages[k][i] >= 0:
+                        self.pools[k].publish(s.pages[k][i], hs[i])
+            if self.policy == "store" and s.pos == full * self.page and "carry" in self.pools:
+                p = self.pools["carry"].alloc()  # the state right now is the carry at this boundary
+                if p is not None:
+                    D, cI = self.args.head_dim, self.args.index_head_dim
+                    for l, (ckv, csc, cikv, cisc) in self.carry.items():
+                        ckv[p], csc[p] = self.state[l][0][s.slot, :4, :D], self.state[l][1][s.slot, :4, :D]
+                        cikv[p], cisc[p] = self.istate[l][0][s.slot, :4, :cI], self.istate[l][1][s.slot, :4, :cI]
+                    self.pools["carry"].publish(p, hs[full - 1])
+                    self.pools["carry"].release(p)  # cached from birth: nobody runs on a carry page
+            s.published = full
+        if self.policy == "recompute":
+            keep = (s.pos - self.args.window_size + 1) // self.page  # pages below hold no window position
+            for i in range(keep):
+                if s.pages["window"][i] >= 0:
+                    self.pools["window"].release(s.pages["window"][i])
+                    s.pages["window"][i] = -1
+
+    # ------------------------------------------------------------------------------ forward
+    def views(self, seqs: list) -> list:
+        """Per-layer LayerCache views of the pools for this batch: block tables, gathered state rows."""
+        def table(kind):
+            w = max(1, max(len(s.pages[kind]) for s in seqs))
+            return torch.tensor([s.pages[kind] + [-1] * (w - len(s.pages[kind])) for s in seqs], device=self.dev)
+        slots = torch.tensor([s.slot for s in seqs], device=self.dev)
+        win, nw, s0 = table("window"), self.pools["window"].n * self.page, seqs[0]
+        replay = len(seqs) == 1 and s0.pos < s0.replay_end
+        out = []
+        for l, r in enumerate(self.ratios):
+            c = LayerCache(self.kv[l], win, self.page, max_pos=self.args.max_seq_len)
+            if r:
+                kind = "csa" if r == 4 else "hca"
+                c.comp_table, c.comp_page, c.comp_base = table(kind), self.epp[kind], nw
+                c.comp_state = tuple(t[slots] for t in self.state[l])
+            if r == 4:
+                c.index_keys, c.index_state = self.ikeys[l], tuple(t[slots] for t in self.istate[l])
+            if replay:  # positions before the replay start are absent; stored entries are not rewritten
+                c.keep_from = torch.tensor([s0.replay_start], device=self.dev)
+                c.emit_from = torch.tensor([s0.replay_end // r if r else 0], device=self.dev)
+            out.append(c)
+        return out
+
+    def forward(self, seqs: list, ids: torch.Tensor, start) -> torch.Tensor:
+        views = self.views(seqs)
+        logits = self.model(ids, start, views)
+        slots = torch.tensor([s.slot for s in seqs], device=self.dev)
+        for l, c in enumerate(views):  # write the gathered compressor state back
+            for mine, view in ((self.state, c.comp_state), (self.istate, c.index_state)):
+                if view is not None:
+                    for t, v in zip(mine[l], view):
+                        t[slots] = v
+        return logits
+
+    def emit(self, s: Seq, logits_row: torch.Tensor):
+        tok = self.sampler(logits_row, s.params) if self.sampler else int(logits_row.argmax())
+        if self.keep_logits:
+            s.logits.append(logits_row.float().cpu())
+        if s.first_token is None:
+            s.first_token = time.perf_counter()
+            self.metrics.ttft.append((s.first_token - s.arrived, s.hit_tokens))
+        s.tokens.append(tok)
+        eos = s.params.get("eos_id")
+        if len(s.out) >= s.max_new or (eos is not None and tok == eos):
+            if eos is not None and tok == eos:
+                s.tokens.pop()
+            s.done = True  # leave now, so a preemption later in this step cannot pick it
+            self.running.remove(s)
+            self.release(s)
+            self.finished.append(s)
+        return tok
+
+    def preempt(self, keep: Seq) -> bool:
+        """Free the newest running sequence other than `keep`; it restarts later from its prefix."""
+        victims = [s for s in self.running if s is not keep]
+        if not victims:
+            return False
+        v = victims[-1]
+        self.running.remove(v)
+        self.release(v)
+        v.pos = v.published = v.replay_start = v.replay_end = 0
+        self.waiting.appendleft(v)
+        self.metrics.preemptions += 1
+        return True
+
+    def step(self) -> list:
+        """One scheduling step: admit, one batched decode of every decoding sequence, then prefill chunks
+        up to the token budget. Returns (rid, token) for every token produced."""
+        events = []
+        while self.waiting and len(self.running) < self.max_seqs and self.admit(self.waiting[0]):
+            self.running.append(self.waiting.popleft())
+        dec = [s for s in self.running if s.pos == len(s.tokens) - 1]
+        for s in list(dec):  # the next position's pages; under pressure the newest sequences step aside
+            while s in self.running and not self.ensure(s, s.pos + 1):
+                if not self.preempt(s):
+                    raise RuntimeError("a single sequence does not fit the pools")
+        dec = [s for s in dec if s in self.running]
+        if dec:
+            t0 = time.perf_counter()
+            ids = torch.tensor([[s.tokens[-1]] for s in dec], device=self.dev)
+            logits = self.forward(dec, ids, torch.tensor([s.pos for s in dec], device=self.dev))
+            for i, s in enumerate(dec):
+                s.pos += 1
+                self.after_forward(s)
+                events.append((s.rid, self.emit(s, logits[i, -1])))
+            self.metrics.decode_s += time.perf_counter() - t0
+            self.metrics.decode_tokens += len(dec)
+        budget = self.token_budget
+        for s in [s for s in self.running if s.pos < len(s.tokens) - 1]:
+            while budget > 0 and s in self.running and s.pos < len(s.tokens):
+                # chunks end at page boundaries (that is where carry is taken and pages are published)
+                # and at the end of a replay
+                end = min(len(s.tokens), s.pos + budget, (s.pos // self.page + 1) * self.page)
+                end = min(end, s.replay_end) if s.pos < s.replay_end else end
+                while s in self.running and not self.ensure(s, end):
+                    if not self.preempt(s):
+                        raise RuntimeError("a single sequence does not fit the pools")
+                if s not in self.running:
+                    break
+                logits = self.forward([s], torch.tensor([s.tokens[s.pos:end]], device=self.dev), s.pos)
+                budget -= end - s.pos
+                self.metrics.computed_tokens += end - s.pos
+                s.pos = end
+                self.after_forward(s)
+                if s.pos == len(s.tokens):  # everything is in: the last logits give the next token
+                    events.append((s.rid, self.emit(s, logits[0, -1])))
+                    break
+        return events
+
+    def check(self):
+        """Invariants: per pool free + cached + in use = total, no negative refs; every reference is a
+        running sequence's hold (carry pages are never held, only cached); state slots add up."""
+        for k, p in self.pools.items():
+            p.check()
+            holds = [0] * p.n
+            for s in self.running:
+                for q in s.pages.get(k, []):
+                    if q >= 0:
+                        holds[q] += 1
+            assert holds == p.ref, f"{k}: page references do not match the block tables"
+        assert len(self.free_slots) + len(self.running) == self.max_seqs
+
+    def run(self) -> list:
+        while self.waiting or self.running:
+            self.step()
+        return self.finished
