@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from mxfp4 import Linear, fp4_roundtrip, fp8_roundtrip
 
 
@@ -220,17 +221,28 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(args.dim, self.n_heads, dtype=dtype)
         self.compressor = Compressor(args, 4, self.head_dim, for_indexer=True)
 
-    def forward(self, x, qr, keys, limit, cos, sin) -> torch.Tensor:
-        """x [B,S,dim], qr [B,S,q_lora], keys [B,T,c_I], limit [B,S] visible entries per query
-        -> top-k entry ids [B,S,K], -1 where a query has fewer than K visible entries."""
+    def forward(self, x, qr, cache: LayerCache, limit, cos, sin) -> torch.Tensor:
+        """x [B,S,dim], qr [B,S,q_lora], limit [B,S] visible entries per query -> top-k entry ids [B,S,K],
+        -1 where a query has fewer than K visible entries. Keys are read from the cache's pages."""
+        B, S, _ = x.shape
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,HI,c_I]
         q = hadamard_rotate(apply_rope(q, cos[:, :, None], sin[:, :, None]))
         q = fp4_roundtrip(q, 32) if self.quant else q
         w = self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,S,HI]
+        E, T = cache.comp_page, int(limit.max())
+        if kernels.use_kernels(x.device) and q.dtype == torch.bfloat16 and E % 64 == 0:
+            r = E // 64  # the kernel reads pages of 64 keys: split each page into r of them
+            table = (cache.comp_table[:, :, None] * r + torch.arange(r, device=x.device)).flatten(1)  # [B,pages*r]
+            return kernels.indexer_topk(  # scores the pages in place, exact top-k over the visible entries
+                q.reshape(B * S, self.n_heads, self.head_dim), w.reshape(B * S, -1).float(),
+                cache.index_keys.view(-1, 64, self.head_dim), None, table.repeat_interleave(S, 0).int(),
+                limit.reshape(-1).int(), self.topk).view(B, S, -1).long()
+        j = torch.arange(T, device=x.device)[None].expand(B, -1)  # [B,T]
+        keys = cache.index_keys[page_rows(cache.comp_table, j, E)]  # [B,T,c_I]
         # q [B,S,HI,c_I] x keys [B,T,c_I] -> [B,S,HI,T], ReLU, weighted sum over heads -> [B,S,T]
         score = (torch.einsum("bshd,btd->bsht", q, keys).relu() * w[..., None]).sum(2)
-        future = torch.arange(keys.shape[1], device=x.device) >= limit[..., None]  # [B,S,T]
-        idx = score.masked_fill(future, -math.inf).topk(min(self.topk, keys.shape[1]), dim=-1).indices
+        future = torch.arange(T, device=x.device) >= limit[..., None]  # [B,S,T]
+        idx = score.masked_fill(future, -math.inf).topk(min(self.topk, T), dim=-1).indices
         return torch.where(idx >= limit[..., None], -1, idx)  # masked picks only fill rows that run short
 
 
@@ -239,9 +251,14 @@ def sparse_attn(q, win, win_idx, kv, kv_idx, sink, scale: float) -> torch.Tensor
     """Torch reference. q [B,S,H,D] attends over window rows win[b, win_idx] (win [B,P,D], win_idx [B,S,Kw])
     and pool rows kv[kv_idx] (kv [N,D], kv_idx [B,S,Kc]); -1 = empty; K = V. One softmax per head with the
     sink z_h in the denominator only: o = sum_u exp(s_u - M) e_u / (sum_u exp(s_u - M) + exp(z_h - M)),
-    M = max over real keys (spec §3.5). This is the single place the attention math would dispatch to a
-    kernel."""
-    b = torch.arange(q.shape[0], device=q.device)[:, None, None]
+    M = max over real keys (spec §3.5). On CUDA it runs as one Triton kernel (kernels.sparse_attn_paged)."""
+    B, S, H, D = q.shape
+    b = torch.arange(B, device=q.device)[:, None, None]
+    if kernels.use_kernels(q.device) and q.dtype == torch.bfloat16 and H >= 16 and H & (H - 1) == 0 \
+            and D & (D - 1) == 0:
+        w_rows = torch.where(win_idx >= 0, win_idx + b * win.shape[1], -1)  # rows of win flattened to [B*P,D]
+        return kernels.sparse_attn_paged(q.reshape(B * S, H, D), kv, kv_idx.reshape(B * S, -1).int(), sink, scale,
+                                         win=win.reshape(-1, D), win_idx=w_rows.reshape(B * S, -1).int()).view(B, S, H, D)
     ent = torch.cat([win[b, win_idx.clamp(min=0)], kv[kv_idx.clamp(min=0)]], 2).float()  # [B,S,Kw+Kc,D]
     valid = torch.cat([win_idx, kv_idx], -1) >= 0  # [B,S,K]
     s = torch.einsum("bshd,bskd->bshk", q.float(), ent) * scale  # [B,S,H,K]
@@ -308,12 +325,11 @@ class Attention(nn.Module):
             m = self.ratio
             limit = (pos + 1) // m  # entry j is visible once its last token j*m+m-1 has been seen
             self.compress(self.compressor, x, pos, freqs, cache, index=False)
-            j = torch.arange(int(limit.max()), device=x.device)[None, None].expand(B, 1, -1)  # [B,1,T]
             if self.indexer is not None:
                 self.compress(self.indexer.compressor, x, pos, freqs, cache, index=True)
-                keys = cache.index_keys[page_rows(cache.comp_table, j[:, 0], cache.comp_page)]  # [B,T,c_I]
-                sel = self.indexer(x, qr, keys, limit, cos, sin)  # [B,S,K]
+                sel = self.indexer(x, qr, cache, limit, cos, sin)  # [B,S,K]
             else:
+                j = torch.arange(int(limit.max()), device=x.device)[None, None]  # [1,1,T]
                 sel = torch.where(j < limit[..., None], j, -1)  # [B,S,T]
             rows = page_rows(cache.comp_table, sel.clamp(min=0), cache.comp_page, cache.comp_base)
             kv_idx = torch.where(sel >= 0, rows, -1)
