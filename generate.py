@@ -14,6 +14,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
+from kvcache import Engine
 from model import Transformer, init_random_, load_model, tiny
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -131,80 +132,101 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def engine_for(model, policy="recompute", kv_gb=None, max_seqs=16, token_budget=1024, log=print) -> Engine:
+    """An Engine over the model with a sampler; the cache budget is kv_gb, else half the free GPU memory
+    (1 GB on the CPU)."""
+    if kv_gb is None:
+        kv_gb = torch.cuda.mem_get_info()[0] / 2 / 2**30 if model.embed.weight.is_cuda else 1.0
+
+    def sampler(logits, p):
+        return int(sample(logits[None], p["temperature"], p["top_p"], p["generator"]))
+    return Engine(model, int(kv_gb * 2**30), policy, max_seqs, token_budget, sampler=sampler, log=log)
+
+
 @torch.inference_mode()
-def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, on_token=None, eos_id: int | None = None,
-             stats: dict | None = None) -> list[int]:
-    """Prefill the prompt in one call, then decode one token per call; returns the new ids without EOS.
-    on_token(id) sees each id as it is produced; stats, if given, receives the prefill and decode times."""
-    n, dev = len(prompt_ids), model.embed.weight.device
-    if n == 0 or n + max_new_tokens > model.args.max_seq_len:
-        raise ValueError(f"prompt of {n} tokens plus {max_new_tokens} new ones does not fit the context of "
-                         f"{model.args.max_seq_len} tokens")
-    bad = [t for t in prompt_ids if not 0 <= t < model.args.vocab_size]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is outside the model's vocab_size {model.args.vocab_size}; "
-                         "the tokenizer does not match the model")
-    g = torch.Generator(device=dev).manual_seed(seed)
-    cache = model.new_cache(1, model.args.max_seq_len)
-    t0 = time.perf_counter()
-    logits = model(torch.tensor([prompt_ids], device=dev), 0, cache)  # [1,n,V]
-    t1, out, steps = time.perf_counter(), [], 0
-    for i in range(max_new_tokens):
-        tok = int(sample(logits[:, -1], temperature, top_p, g))  # int() waits for the device
-        if i == 0:
-            t1 = time.perf_counter()  # prefill ends once its token is known
-        if tok == eos_id:
-            break
-        out.append(tok)
-        if on_token:
-            on_token(tok)
-        if i + 1 < max_new_tokens:  # the last token is never fed back
-            logits = model(torch.tensor([[tok]], device=dev), n + i, cache)  # [1,1,V]
-            steps += 1
-    if stats is not None:
-        stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, decode_steps=steps)
+def generate(engine: Engine, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, eos_id: int | None = None, on_token=None) -> list:
+    """Run the prompts (lists of ids) as concurrent requests; returns each one's new ids, without EOS.
+    on_token(request index, id) sees every id as it is produced."""
+    dev, V = engine.dev, engine.args.vocab_size
+    rid = {}
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the model's vocab_size {V}; the tokenizer does "
+                             "not match the model")
+        g = torch.Generator(device=dev).manual_seed(seed + i)
+        rid[engine.add(p, max_new_tokens, temperature=temperature, top_p=top_p, generator=g, eos_id=eos_id)] = i
+    while engine.waiting or engine.running:
+        for r, tok in engine.step():
+            if on_token and r in rid and (eos_id is None or tok != eos_id):
+                on_token(rid[r], tok)
+    return [s.out for s in sorted(engine.finished, key=lambda s: s.rid) if s.rid in rid]
+
+
+def read_prompts(path: str) -> list:
+    """The prompt file: plain text (one prompt) or .jsonl (one prompt per line: a string or {"prompt": ...})."""
+    text = Path(path).read_text(encoding="utf-8")
+    if not path.endswith(".jsonl"):
+        return [text]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                v = json.loads(line)
+                out.append(v if isinstance(v, str) else v["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path} line {n}: expected a JSON string or an object with a \"prompt\" key") from None
     return out
 
 
 # ------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Generate text with a DeepSeek-V4 checkpoint or the untrained tiny model.")
-    ap.add_argument("--prompt-file", required=True, help="UTF-8 text file holding the prompt")
+    ap.add_argument("--prompt-file", required=True, help="UTF-8 text (one prompt) or .jsonl (one prompt per line)")
     ap.add_argument("--ckpt", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0, help="seeds the sampler")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the sampler (request i uses seed + i)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--max-seq-len", type=int, help="context the decode cache holds (default: the model's)")
+    ap.add_argument("--max-seq-len", type=int, help="context the cache holds (default: the model's)")
+    ap.add_argument("--num-samples", type=int, default=1, help="continuations per prompt, sharing its cache")
+    ap.add_argument("--multi-turn", action="store_true",
+                    help="the prompts are successive turns: each one extends the conversation so far")
+    ap.add_argument("--window-policy", choices=["recompute", "store"], default="recompute",
+                    help="cached prefixes keep compressed KV only and rebuild the window on a hit, or keep it")
+    ap.add_argument("--kv-gb", type=float, help="cache memory budget (default: half the free GPU memory, 1 GB on CPU)")
+    ap.add_argument("--max-seqs", type=int, default=16, help="sequences decoding at once")
+    ap.add_argument("--token-budget", type=int, default=1024, help="prefill tokens per step")
     a = ap.parse_args(argv)
 
     def fail(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 1
 
-    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.max_new_tokens < 0:
-        return fail(f"need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 0, got "
-                    f"{a.temperature}, {a.top_p} and {a.max_new_tokens}")
+    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.max_new_tokens < 0 or a.num_samples < 1:
+        return fail(f"need --temperature >= 0, 0 < --top-p <= 1, --max-new-tokens >= 0 and --num-samples >= 1, "
+                    f"got {a.temperature}, {a.top_p}, {a.max_new_tokens} and {a.num_samples}")
     if a.max_seq_len is not None and a.max_seq_len < 2:
         return fail(f"--max-seq-len must be at least 2, got {a.max_seq_len}")
     if a.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda was asked for but torch sees no CUDA device")
     try:
-        text = Path(a.prompt_file).read_text(encoding="utf-8")
+        texts = read_prompts(a.prompt_file)
     except FileNotFoundError:
         return fail(f"prompt file {a.prompt_file} does not exist")
-    except (OSError, UnicodeDecodeError) as e:
-        return fail(f"cannot read prompt file {a.prompt_file} as UTF-8 text ({e})")
-    if not text.strip():
-        return fail(f"prompt file {a.prompt_file} is empty")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return fail(str(e) if isinstance(e, ValueError) and not isinstance(e, UnicodeDecodeError)
+                    else f"cannot read prompt file {a.prompt_file} as UTF-8 text ({e})")
+    if not texts or not all(t.strip() for t in texts):
+        return fail(f"prompt file {a.prompt_file} is empty" if len(texts) < 2 else f"{a.prompt_file} has an empty prompt")
     try:
         if a.ckpt:
             model = load_model(a.ckpt, device=a.device, max_seq_len=a.max_seq_len)
         else:
-            # fp32 on CPU: bf16 matmuls there are slower (tiny, 2 cores: ~35 vs ~28 decode tok/s, ~950 vs
-            # ~880 prefill tok/s). The weights seed is fixed so every run talks to the same model.
+            # fp32 on CPU: bf16 matmuls there are slower (2 cores: 41 vs 32 decode tok/s, 1100 vs 900
+            # prefill tok/s). The weights seed is fixed so every run talks to the same model.
             dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
             args = tiny()
             args.max_seq_len = a.max_seq_len or args.max_seq_len
@@ -212,41 +234,67 @@ def main(argv=None) -> int:
             print("note: no --ckpt, so this is the untrained tiny model with random weights; the text is noise "
                   "until trained weights exist", file=sys.stderr)
         enc, eos_id = load_tokenizer(a.ckpt)
-    except (OSError, ValueError) as e:  # load_model's and the tokenizer's one-sentence errors
+        engine = engine_for(model, a.window_policy, a.kv_gb, a.max_seqs, a.token_budget,
+                            log=lambda m: print(m, file=sys.stderr))
+    except (OSError, ValueError) as e:  # load_model's, the tokenizer's and the cache budget's one-sentence errors
         return fail(str(e))
+    ctx = model.args.max_seq_len
     # added tokens in the prompt (chat-template markers) encode as themselves, as HF tokenizers do
-    ids, ctx = enc.encode(text, allowed_special="all"), model.args.max_seq_len
-    if len(ids) > ctx - 1:
-        return fail(f"prompt is {len(ids)} tokens but the context holds {ctx}, leaving room for at most "
+    ids = [enc.encode(t, allowed_special="all") for t in texts]
+    longest = max(map(len, ids)) if not a.multi_turn else sum(map(len, ids))
+    if longest > ctx - 1:
+        return fail(f"prompt is {longest} tokens but the context holds {ctx}, leaving room for at most "
                     f"{ctx - 1} prompt tokens")
-    n_new = min(a.max_new_tokens, ctx - len(ids))
+    n_new = min(a.max_new_tokens, ctx - longest - (len(ids) - 1) * a.max_new_tokens * a.multi_turn)
     if n_new < a.max_new_tokens:
-        print(f"note: --max-new-tokens clipped from {a.max_new_tokens} to {n_new} to fit the context of {ctx}",
-              file=sys.stderr)
+        print(f"note: --max-new-tokens clipped from {a.max_new_tokens} to {max(n_new, 0)} to fit the context "
+              f"of {ctx}", file=sys.stderr)
+    if n_new < 0:
+        return fail(f"the conversation does not fit the context of {ctx} tokens")
 
     # Print as bytes arrive: a character split across tokens waits in the decoder until it is whole.
-    # Ids the tokenizer lacks (vocab padding an untrained model may pick) print as U+FFFD.
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    utf8, stream = codecs.getincrementaldecoder("utf-8")(errors="replace"), a.num_samples == 1 and (
+        len(ids) == 1 or a.multi_turn)
 
-    def show(tok: int):
-        try:
-            b = enc.decode_single_token_bytes(tok)
-        except KeyError:
-            b = "\ufffd".encode()
-        sys.stdout.write(utf8.decode(b))
+    def show(i, tok, final=False):
+        sys.stdout.write(utf8.decode(token_bytes(enc, tok) if tok is not None else b"", final=final))
         sys.stdout.flush()
 
-    st = {}
+    t0 = time.perf_counter()
     try:
-        out = generate(model, ids, n_new, a.temperature, a.top_p, a.seed, show, eos_id, st)
-    except ValueError as e:  # a prompt id outside the model's vocab, or a context the cache cannot hold
+        if a.multi_turn:  # the coding-agent shape: turn k's prompt is the whole conversation so far
+            convo = []
+            for k, turn in enumerate(ids):
+                convo += turn
+                print(f"--- turn {k + 1} ---", flush=True)
+                out = generate(engine, [convo], n_new, a.temperature, a.top_p, a.seed + k, eos_id,
+                               show if stream else None)[0]
+                convo += out
+                show(0, None, final=True), print()
+        else:  # batched prompts; --num-samples continuations of each (the RL-rollout shape)
+            reqs = [p for p in ids for _ in range(a.num_samples)]
+            outs = generate(engine, reqs, n_new, a.temperature, a.top_p, a.seed, eos_id, show if stream else None)
+            for i, out in enumerate(outs):
+                if not stream:
+                    print(f"--- prompt {i // a.num_samples + 1}, sample {i % a.num_samples + 1} ---")
+                    [show(i, t) for t in out]
+                show(i, None, final=True), print()
+    except ValueError as e:  # a prompt id outside the model's vocab, or a request the cache cannot hold
         return fail(str(e))
-    sys.stdout.write(utf8.decode(b"", final=True) + "\n")
-    sys.stdout.flush()
-    decode_tps = st["decode_steps"] / st["decode_s"] if st["decode_steps"] else 0.0
-    print(f"prompt {len(ids)} tokens, prefill {len(ids) / st['prefill_s']:.1f} tokens/s; generated {len(out)} "
-          f"tokens, decode {decode_tps:.1f} tokens/s", file=sys.stderr)
+    r, m = engine.report(), engine.metrics
+    prefill_s = time.perf_counter() - t0 - m.decode_s
+    print(f"prompt {m.prompt_tokens} tokens, prefill {m.computed_tokens / max(prefill_s, 1e-9):.1f} tokens/s; "
+          f"generated {sum(len(s.out) for s in engine.finished)} tokens, decode {r['decode_tok_s']:.1f} tokens/s",
+          file=sys.stderr)
+    print(Engine.format_report(r), file=sys.stderr)
     return 0
+
+
+def token_bytes(enc, tok: int) -> bytes:
+    try:
+        return enc.decode_single_token_bytes(tok)
+    except KeyError:  # an id the tokenizer lacks (vocab padding an untrained model may pick)
+        return "\ufffd".encode()
 
 
 if __name__ == "__main__":

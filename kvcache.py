@@ -106,7 +106,7 @@ class Seq:
     replay_end: int = 0
     first_token: float | None = None
     hit_tokens: int = 0
-    done: bool = False
+    admissions: int = 0  # more than one after a preemption
     logits: list = field(default_factory=list)  # each emitted token's logits, when the engine keeps them
 
     @property
@@ -149,7 +149,7 @@ class Engine:
         self.epp = {"csa": page // 4, "hca": page // self.m_hca if self.m_hca else 0}  # entries per page
         D, cI = a.head_dim, a.index_head_dim
         page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages)
-        self.pools = {k: Pool(k, c, page_bytes[k]) for k, c in counts.items() if page_bytes[k]}
+        self.pools = {k: Pool(k, c, page_bytes[k]) for k, c in counts.items() if page_bytes[k] and c}
         dt, nw = model.dtype, counts["window"] * page
         self.kv, self.ikeys, self.state, self.istate, self.carry = {}, {}, {}, {}, {}
         for l, r in enumerate(ratios):  # one row pool per layer: window pages, then compressed pages
@@ -187,14 +187,12 @@ class Engine:
         self.metrics.prompt_tokens += len(prompt)
         return s.rid
 
-    def page_hash(self, parent: bytes, toks) -> bytes:
-        return hashlib.blake2b(parent + torch.tensor(toks, dtype=torch.int64).numpy().tobytes(), digest_size=16).digest()
-
     def hashes(self, s: Seq, n_pages: int) -> list:
+        """Chained page hashes: page i's covers page i-1's hash and its own token ids."""
         hs, h = [], b""
         for i in range(n_pages):
-            h = self.page_hash(h, s.tokens[i * self.page:(i + 1) * self.page])
-            hs.append(h)
+            toks = torch.tensor(s.tokens[i * self.page:(i + 1) * self.page], dtype=torch.int64).numpy().tobytes()
+            hs.append(h := hashlib.blake2b(h + toks, digest_size=16).digest())
         return hs
 
     def lookup(self, kind: str, h: bytes, toks) -> int | None:
@@ -231,7 +229,8 @@ class Engine:
                     self.pools[k].take(got[k])
                 s.pages[k].append(got.get(k, -1))
         P = len(hit) * self.page
-        first = s.first_token is None and s.hit_tokens == 0  # a preempted request is not counted twice
+        s.admissions += 1
+        first = s.admissions == 1  # a preempted request's own pages are not counted as hits
         s.hit_tokens, s.published = P, len(hit)
         self.reset_state(s, hit[-1].get("carry") if hit and self.policy == "store" else None)
         m = self.metrics
@@ -259,9 +258,7 @@ class Engine:
         return out
 
     def reset_state(self, s: Seq, carry: int | None):
-        for l, (kv, sc) in self.state.items():
-            kv[s.slot], sc[s.slot] = 0.0, -math.inf
-        for l, (kv, sc) in self.istate.items():
+        for kv, sc in [*self.state.values(), *self.istate.values()]:
             kv[s.slot], sc[s.slot] = 0.0, -math.inf
         if carry is not None:  # resume compression exactly: the block before the hit point
             D, cI = self.args.head_dim, self.args.index_head_dim
@@ -372,24 +369,25 @@ class Engine:
         if len(s.out) >= s.max_new or (eos is not None and tok == eos):
             if eos is not None and tok == eos:
                 s.tokens.pop()
-            s.done = True  # leave now, so a preemption later in this step cannot pick it
-            self.running.remove(s)
+            self.running.remove(s)  # leave now, so a preemption later in this step cannot pick it
             self.release(s)
             self.finished.append(s)
         return tok
 
-    def preempt(self, keep: Seq) -> bool:
-        """Free the newest running sequence other than `keep`; it restarts later from its prefix."""
-        victims = [s for s in self.running if s is not keep]
-        if not victims:
-            return False
-        v = victims[-1]
-        self.running.remove(v)
-        self.release(v)
-        v.pos = v.published = v.replay_start = v.replay_end = 0
-        self.waiting.appendleft(v)
-        self.metrics.preemptions += 1
-        return True
+    def hold(self, s: Seq, end: int) -> bool:
+        """Get s the pages up to `end`, preempting the newest other sequences while a pool is exhausted
+        (a victim's pages go back and it restarts later, usually from its own published prefix)."""
+        while s in self.running and not self.ensure(s, end):
+            victims = [v for v in self.running if v is not s]
+            if not victims:
+                raise RuntimeError("a single sequence does not fit the pools")
+            v = victims[-1]
+            self.running.remove(v)
+            self.release(v)
+            v.pos = v.published = v.replay_start = v.replay_end = 0
+            self.waiting.appendleft(v)
+            self.metrics.preemptions += 1
+        return s in self.running
 
     def step(self) -> list:
         """One scheduling step: admit, one batched decode of every decoding sequence, then prefill chunks
@@ -398,11 +396,7 @@ class Engine:
         while self.waiting and len(self.running) < self.max_seqs and self.admit(self.waiting[0]):
             self.running.append(self.waiting.popleft())
         dec = [s for s in self.running if s.pos == len(s.tokens) - 1]
-        for s in list(dec):  # the next position's pages; under pressure the newest sequences step aside
-            while s in self.running and not self.ensure(s, s.pos + 1):
-                if not self.preempt(s):
-                    raise RuntimeError("a single sequence does not fit the pools")
-        dec = [s for s in dec if s in self.running]
+        dec = [s for s in [s for s in dec if self.hold(s, s.pos + 1)] if s in self.running]  # holds may preempt
         if dec:
             t0 = time.perf_counter()
             ids = torch.tensor([[s.tokens[-1]] for s in dec], device=self.dev)
@@ -420,10 +414,7 @@ class Engine:
                 # and at the end of a replay
                 end = min(len(s.tokens), s.pos + budget, (s.pos // self.page + 1) * self.page)
                 end = min(end, s.replay_end) if s.pos < s.replay_end else end
-                while s in self.running and not self.ensure(s, end):
-                    if not self.preempt(s):
-                        raise RuntimeError("a single sequence does not fit the pools")
-                if s not in self.running:
+                if not self.hold(s, end):
                     break
                 logits = self.forward([s], torch.tensor([s.tokens[s.pos:end]], device=self.dev), s.pos)
                 budget -= end - s.pos
@@ -447,6 +438,34 @@ class Engine:
                         holds[q] += 1
             assert holds == p.ref, f"{k}: page references do not match the block tables"
         assert len(self.free_slots) + len(self.running) == self.max_seqs
+
+    def report(self) -> dict:
+        """Token-weighted prefix hit rates (overall and per kind), pool occupancy, evictions, recomputed
+        tokens, median time to first token cold vs hit, decode tokens/s."""
+        m, P = self.metrics, max(self.metrics.prompt_tokens, 1)
+
+        def median(v):
+            return sorted(v)[len(v) // 2] if v else None
+        return {"hit_rate": {k: v / P for k, v in m.hit_tokens.items() if k == "overall" or k in self.pools},
+                "occupancy": {k: (sum(r > 0 for r in p.ref), len(p.cached), p.n) for k, p in self.pools.items()},
+                "evictions": {k: p.evictions for k, p in self.pools.items()},
+                "prompt_tokens": m.prompt_tokens, "computed_tokens": m.computed_tokens,
+                "recomputed_tokens": m.recomputed_tokens, "preemptions": m.preemptions,
+                "ttft_cold_s": median([t for t, h in m.ttft if h == 0]),
+                "ttft_hit_s": median([t for t, h in m.ttft if h > 0]),
+                "decode_tok_s": m.decode_tokens / m.decode_s if m.decode_s else 0.0}
+
+    @staticmethod
+    def format_report(r: dict) -> str:
+        ms = lambda t: "-" if t is None else f"{t * 1e3:.0f} ms"  # noqa: E731
+        return "\n".join([
+            "prefix hit rate " + ", ".join(f"{k} {v:.1%}" for k, v in r["hit_rate"].items())
+            + f"; prompt {r['prompt_tokens']} tokens, computed {r['computed_tokens']} "
+              f"(recomputed {r['recomputed_tokens']}), preemptions {r['preemptions']}",
+            "pages in use/cached/total " + ", ".join(f"{k} {u}/{c}/{n}" for k, (u, c, n) in r["occupancy"].items())
+            + "; evictions " + ", ".join(f"{k} {v}" for k, v in r["evictions"].items()),
+            f"time to first token cold {ms(r['ttft_cold_s'])}, hit {ms(r['ttft_hit_s'])}; "
+            f"decode {r['decode_tok_s']:.1f} tokens/s"])
 
     def run(self) -> list:
         while self.waiting or self.running:
