@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     if n_new < 0:
         return fail(f"the conversation does not fit the context of {ctx} tokens")
 
-    # Print as bytes arrive: a character split across tokens waits in the decoder until it is whole.
+    # print as bytes arrive: a character split across tokens waits in the decoder until it is whole
     utf8, stream = codecs.getincrementaldecoder("utf-8")(errors="replace"), a.num_samples == 1 and (
         len(ids) == 1 or a.multi_turn)
 

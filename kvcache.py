@@ -1,11 +1,9 @@
 """The paged three-cache manager: page pools per cache kind, block tables, chained prefix hashes with LRU
 reuse, the two window policies, continuous batching with chunked prefill, and metrics.
 
-One logical page = PAGE token positions (a multiple of lcm(4, 128) = 128; 256 as in vLLM and SGLang, so
-a CSA page holds 64 entries and an HCA page 2). Page kinds and what a page holds, per layer:
-  window  PAGE raw KV rows (every layer)            csa    PAGE/4 compressed rows + PAGE/4 indexer keys
-  hca     PAGE/128 compressed rows (HCA layers)     carry  the CSA compressors' previous-block rows at the
-                                                           page's end boundary (store policy only)
+One logical page = `page` positions (a multiple of lcm(4, 128); 256 as in vLLM and SGLang). Per layer a
+window page holds page raw KV rows, a csa page page/4 compressed rows + page/4 indexer keys, an hca page
+page/128 compressed rows, a carry page the CSA compressors' previous block at the page's end (store policy).
 A window, csa or hca page id addresses the same rows in every layer of its kind (see LayerCache)."""
 import hashlib
 import math
@@ -270,14 +268,11 @@ class Engine:
     def ensure(self, s: Seq, end: int) -> bool:
         """Hold every page positions [s.pos, end) write to; False when a pool is exhausted."""
         need = {"window": range(s.pos // self.page, -(-end // self.page))}
-        for k, m in (("csa", 4), ("hca", self.m_hca)):
-            if k in self.pools:
-                need[k] = range(-(-(end // m) // self.epp[k]))
+        need.update({k: range(-(-(end // m) // self.epp[k])) for k, m in (("csa", 4), ("hca", self.m_hca)) if k in self.pools})
         for k, idx in need.items():
             pages = s.pages[k]
+            pages += [-1] * (idx.stop - len(pages))
             for i in idx:
-                while len(pages) <= i:
-                    pages.append(-1)
                 if pages[i] < 0:
                     p = self.pools[k].alloc()
                     if p is None:
@@ -440,32 +435,27 @@ class Engine:
         assert len(self.free_slots) + len(self.running) == self.max_seqs
 
     def report(self) -> dict:
-        """Token-weighted prefix hit rates (overall and per kind), pool occupancy, evictions, recomputed
-        tokens, median time to first token cold vs hit, decode tokens/s."""
+        """Token-weighted prefix hit rates (overall and per kind), pool occupancy (in use, cached, total),
+        evictions, tokens computed and recomputed, median time to first token cold vs hit, decode tok/s."""
         m, P = self.metrics, max(self.metrics.prompt_tokens, 1)
-
-        def median(v):
-            return sorted(v)[len(v) // 2] if v else None
+        med = lambda v: sorted(v)[len(v) // 2] if v else None  # noqa: E731
         return {"hit_rate": {k: v / P for k, v in m.hit_tokens.items() if k == "overall" or k in self.pools},
                 "occupancy": {k: (sum(r > 0 for r in p.ref), len(p.cached), p.n) for k, p in self.pools.items()},
-                "evictions": {k: p.evictions for k, p in self.pools.items()},
-                "prompt_tokens": m.prompt_tokens, "computed_tokens": m.computed_tokens,
-                "recomputed_tokens": m.recomputed_tokens, "preemptions": m.preemptions,
-                "ttft_cold_s": median([t for t, h in m.ttft if h == 0]),
-                "ttft_hit_s": median([t for t, h in m.ttft if h > 0]),
+                "evictions": {k: p.evictions for k, p in self.pools.items()}, "prompt_tokens": m.prompt_tokens,
+                "computed_tokens": m.computed_tokens, "recomputed_tokens": m.recomputed_tokens,
+                "preemptions": m.preemptions, "ttft_cold_s": med([t for t, h in m.ttft if h == 0]),
+                "ttft_hit_s": med([t for t, h in m.ttft if h > 0]),
                 "decode_tok_s": m.decode_tokens / m.decode_s if m.decode_s else 0.0}
 
     @staticmethod
     def format_report(r: dict) -> str:
         ms = lambda t: "-" if t is None else f"{t * 1e3:.0f} ms"  # noqa: E731
-        return "\n".join([
-            "prefix hit rate " + ", ".join(f"{k} {v:.1%}" for k, v in r["hit_rate"].items())
-            + f"; prompt {r['prompt_tokens']} tokens, computed {r['computed_tokens']} "
-              f"(recomputed {r['recomputed_tokens']}), preemptions {r['preemptions']}",
-            "pages in use/cached/total " + ", ".join(f"{k} {u}/{c}/{n}" for k, (u, c, n) in r["occupancy"].items())
-            + "; evictions " + ", ".join(f"{k} {v}" for k, v in r["evictions"].items()),
-            f"time to first token cold {ms(r['ttft_cold_s'])}, hit {ms(r['ttft_hit_s'])}; "
-            f"decode {r['decode_tok_s']:.1f} tokens/s"])
+        return (f"prefix hit rate " + ", ".join(f"{k} {v:.1%}" for k, v in r["hit_rate"].items())
+                + f"; prompt {r['prompt_tokens']} tokens, computed {r['computed_tokens']} (recomputed "
+                f"{r['recomputed_tokens']}), preemptions {r['preemptions']}\npages in use/cached/total "
+                + ", ".join(f"{k} {u}/{c}/{n}" for k, (u, c, n) in r["occupancy"].items()) + "; evictions "
+                + ", ".join(f"{k} {v}" for k, v in r["evictions"].items()) + f"\ntime to first token cold "
+                f"{ms(r['ttft_cold_s'])}, hit {ms(r['ttft_hit_s'])}; decode {r['decode_tok_s']:.1f} tokens/s")
 
     def run(self) -> list:
         while self.waiting or self.running:
