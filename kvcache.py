@@ -163,8 +163,8 @@ class Engine:
         self.bytes_per_token = {k: p.page_bytes / page for k, p in self.pools.items()}
         self.waiting, self.running, self.finished = deque(), [], []
         self.free_slots, self.page_tokens, self.metrics, self.next_rid = list(range(max_seqs)), {}, Metrics(), 0
-        log(f"kv cache: policy {policy}, page {page} tokens, pages " + ", ".join(
-            f"{k} {p.n}" for k, p in self.pools.items()) + f"; minimum reusable prefix {page} tokens")
+        log(f"kv cache: policy {policy}, page {page} tokens, pages " + ", ".join(f"{k} {p.n} ({p.page_bytes / page:.0f} "
+            "B/token)" for k, p in self.pools.items()) + f"; minimum reusable prefix {page} tokens")
 
     # ------------------------------------------------------------------------------ requests
     def add(self, prompt: list, max_new: int, **params) -> int:
@@ -445,7 +445,8 @@ class Engine:
                 "computed_tokens": m.computed_tokens, "recomputed_tokens": m.recomputed_tokens,
                 "preemptions": m.preemptions, "ttft_cold_s": med([t for t, h in m.ttft if h == 0]),
                 "ttft_hit_s": med([t for t, h in m.ttft if h > 0]),
-                "decode_tok_s": m.decode_tokens / m.decode_s if m.decode_s else 0.0}
+                "decode_tok_s": m.decode_tokens / m.decode_s if m.decode_s else 0.0,
+                "bytes_per_token": self.bytes_per_token}
 
     @staticmethod
     def format_report(r: dict) -> str:
