@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from mxfp4 import Linear, fp4_roundtrip, fp8_roundtrip

@@ -105,6 +105,7 @@ class Seq:
     first_token: float | None = None
     hit_tokens: int = 0
     admissions: int = 0  # more than one after a preemption
+    page_hashes: list = field(default_factory=list)  # chained hashes of the full pages, computed once
     logits: list = field(default_factory=list)  # each emitted token's logits, when the engine keeps them
 
     @property
@@ -186,12 +187,14 @@ class Engine:
         return s.rid
 
     def hashes(self, s: Seq, n_pages: int) -> list:
-        """Chained page hashes: page i's covers page i-1's hash and its own token ids."""
-        hs, h = [], b""
-        for i in range(n_pages):
+        """Chained page hashes: page i's covers page i-1's hash and its own token ids (kept on the sequence,
+        since a full page's tokens never change)."""
+        hs = s.page_hashes
+        while len(hs) < n_pages:
+            i = len(hs)
             toks = torch.tensor(s.tokens[i * self.page:(i + 1) * self.page], dtype=torch.int64).numpy().tobytes()
-            hs.append(h := hashlib.blake2b(h + toks, digest_size=16).digest())
-        return hs
+            hs.append(hashlib.blake2b((hs[-1] if hs else b"") + toks, digest_size=16).digest())
+        return hs[:n_pages]
 
     def lookup(self, kind: str, h: bytes, toks) -> int | None:
         p = self.pools[kind].index.get(h)
@@ -451,7 +454,7 @@ class Engine:
     @staticmethod
     def format_report(r: dict) -> str:
         ms = lambda t: "-" if t is None else f"{t * 1e3:.0f} ms"  # noqa: E731
-        return (f"prefix hit rate " + ", ".join(f"{k} {v:.1%}" for k, v in r["hit_rate"].items())
+        return ("prefix hit rate " + ", ".join(f"{k} {v:.1%}" for k, v in r["hit_rate"].items())
                 + f"; prompt {r['prompt_tokens']} tokens, computed {r['computed_tokens']} (recomputed "
                 f"{r['recomputed_tokens']}), preemptions {r['preemptions']}\npages in use/cached/total "
                 + ", ".join(f"{k} {u}/{c}/{n}" for k, (u, c, n) in r["occupancy"].items()) + "; evictions "

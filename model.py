@@ -2,7 +2,6 @@
 and checkpoint loading. Parameter names are the official checkpoint tensor names (spec §9.2)."""
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -18,12 +18,10 @@ import subprocess
 import sys
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import generate as G
@@ -1000,7 +998,6 @@ def test_use_kernels_switch(monkeypatch):
 
 
 # ------------------------------------------------------------------------- 4. MXFP4 MoE + FP8 GEMMs
-import mxfp4  # noqa: E402
 
 
 def mxfp4_experts(E, N, K, seed):
