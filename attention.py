@@ -174,19 +174,26 @@ class Compressor(nn.Module):
                             torch.where(fresh[..., None], z[bi, new], -math.inf))
         nb = L // m
         blk_a, blk_z = buf_a.view(B, nb, m, -1), buf_z.view(B, nb, m, -1)  # [B,nb,m,(1+o)c']
-        if self.overlap:  # previous block of block k: the carried one for k = 0, else block k-1
-            prev_a = torch.cat([kv_state[:, None, :m], blk_a[:, :-1]], 1)
-            prev_z = torch.cat([score_state[:, None, :m], blk_z[:, :-1]], 1)
-            # [B,nb,m,c'] previous-block role ‖ [B,nb,m,c'] current-block role -> [B,nb,2m,c']
-            pool_a = torch.cat([prev_a[..., :c], blk_a[..., c:]], 2)
-            pool_z = torch.cat([prev_z[..., :c], blk_z[..., c:]], 2)
-        else:
-            pool_a, pool_z = blk_a, blk_z
         n = (r + S) // m  # [B] blocks completed by this call
         k = torch.arange(nb, device=x.device)[None]
-        valid = k < n[:, None]  # [B,nb]; the rest are partial or padding (and may be NaN)
-        pooled = (pool_a * pool_z.softmax(dim=2)).sum(2)  # [B,nb,c']
-        pooled = torch.where(valid[..., None], pooled, 0.0)
+        valid = k < n[:, None]  # [B,nb]; the rest are partial or padding
+        ids = (pos[:, :1] - r[:, None]) // m + k  # [B,nb] entry ids
+        cos, sin = rope_cos_sin(freqs, ids * m)  # each entry is rotated at its block's first position j*m
+        if kernels.use_kernels(x.device):  # pooling, norm and RoPE in one kernel; it reads the carry as it was
+            e = kernels.compress_pool(a, z, kv_state.contiguous(), score_state.contiguous(), r, m, self.norm.weight,
+                                      self.norm.eps, cos, sin, x.dtype)
+        else:
+            if self.overlap:  # previous block of block k: the carried one for k = 0, else block k-1
+                prev_a = torch.cat([kv_state[:, None, :m], blk_a[:, :-1]], 1)
+                prev_z = torch.cat([score_state[:, None, :m], blk_z[:, :-1]], 1)
+                # [B,nb,m,c'] previous-block role ‖ [B,nb,m,c'] current-block role -> [B,nb,2m,c']
+                pool_a = torch.cat([prev_a[..., :c], blk_a[..., c:]], 2)
+                pool_z = torch.cat([prev_z[..., :c], blk_z[..., c:]], 2)
+            else:
+                pool_a, pool_z = blk_a, blk_z
+            pooled = (pool_a * pool_z.softmax(dim=2)).sum(2)  # [B,nb,c']; invalid blocks may be NaN
+            pooled = torch.where(valid[..., None], pooled, 0.0)
+            e = apply_rope(self.norm(pooled.to(x.dtype)), cos, sin)
         # carry: the last complete block becomes "previous", the leftover tokens the unfinished block
         if self.overlap:
             last = (n - 1).clamp(min=0)
@@ -195,10 +202,6 @@ class Compressor(nn.Module):
             score_state[:, :m] = torch.where(keep, blk_z[bi[:, 0], last], score_state[:, :m])
         tail = n[:, None] * m + torch.arange(m, device=x.device)[None]  # [B,m]
         kv_state[:, cur:cur + m], score_state[:, cur:cur + m] = buf_a[bi, tail], buf_z[bi, tail]
-        ids = (pos[:, :1] - r[:, None]) // m + k  # [B,nb] entry ids
-        e = self.norm(pooled.to(x.dtype))
-        cos, sin = rope_cos_sin(freqs, ids * m)  # each entry is rotated at its block's first position j*m
-        e = apply_rope(e, cos, sin)
         if self.for_indexer:
             e = hadamard_rotate(e)
             e = fp4_roundtrip(e, 32) if self.quant else e

@@ -1,15 +1,19 @@
-"""Triton kernels for V4 attention, each beside the torch reference of the same signature it must match
-(docs/kernels.md §2-§4): the lightning indexer's scoring + exact top-k over a paged key pool, sparse
+"""Every Triton kernel of the model, each beside the torch reference of the same signature it must match
+(docs/kernels.md): 1. the lightning indexer's scoring + exact top-k over a paged key pool; 2./3. sparse
 attention over [window ∪ top-k] rows with a per-head sink, and HCA (every compressed row + window) with a
-flash-decoding split and combine. Pools are plain tensors; a block table maps a sequence's logical page to
-a physical page, so a paged cache manager can call these directly.
+flash-decoding split and combine; 4. the MXFP4 grouped expert GEMM, the FP8 block-scaled GEMM and its
+activation quantizer; 5. compressor pooling (+ RMSNorm + RoPE); 6. mHC pre (mixing GEMM + Sinkhorn +
+pre-mix) and post. Pools are plain tensors; a block table maps a sequence's logical page to a physical page,
+so a paged cache manager can call these directly. model.py / attention.py / mxfp4.py call them on CUDA
+(`use_kernels`; V4_NO_KERNELS=1 switches back to the torch path).
 
 Shape legend (as in attention.py): T query tokens, H heads, D head dim (512), K top-k / index-list length,
 HI index heads (64), cI index head dim (128), P pages, E entries per page (64), N pool rows.
 
 Under TRITON_INTERPRET=1 (CPU CI) every kernel runs through the interpreter; that variable must be set
 before this module is imported. The interpreter computes tl.dot on bf16 (and fp8) operands wrongly, so the
-kernels upcast loaded operands to fp32 behind the constexpr UPCAST, which is on only there.
+kernels upcast loaded operands to fp32 behind the constexpr UPCAST, which is on only there; it also
+truncates fp32 -> bf16 casts (see _cast).
 """
 import math
 import os
@@ -273,6 +277,35 @@ def _topk_select2_kernel(hist_ptr, ctr_ptr, cidx_ptr, ckey_ptr, out_ptr, K,
              mask=(pad >= tl.minimum(K, total)) & (pad < K))
 
 
+@triton.jit
+def _topk_row_kernel(logit_ptr, nk_ptr, out_ptr, K, W, stride_lt, stride_ot, BLOCK: tl.constexpr, KPAD: tl.constexpr):
+    """Short rows (W <= BLOCK logits): one program holds its whole row in registers and bisects for the exact
+    k-th order key, then emits in index order, -1 padded. One launch and one read of the row instead of the
+    histogram chain, whose dependent round trips cost ~26 µs whatever the row length."""
+    t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    valid = offs < tl.minimum(tl.load(nk_ptr + t), W)
+    key = tl.where(valid, _ordered_key(tl.load(logit_ptr + t * stride_lt + offs, mask=valid, other=0.0)),
+                   -2147483648)
+    need = tl.minimum(K, tl.sum(valid.to(tl.int32), axis=0))
+    lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)  # int64 bounds: mid never overflows
+    hi = tl.max(key, axis=0).to(tl.int64)
+    while lo < hi:  # largest thr with count(key >= thr) >= need
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((valid & (key >= mid)).to(tl.int32), axis=0) >= need
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    thr = lo.to(tl.int32)
+    gt = valid & (key > thr)  # all taken
+    n_gt = tl.sum(gt.to(tl.int32), axis=0)
+    eq = valid & (key == thr)  # ties at the k-th key: the first need - n_gt of them
+    rank = tl.cumsum(eq.to(tl.int32), axis=0) - 1
+    pos = tl.where(gt, tl.cumsum(gt.to(tl.int32), axis=0) - 1, n_gt + rank)
+    tl.store(out_ptr + t * stride_ot + pos, offs, mask=gt | (eq & (rank < need - n_gt)))
+    pad = tl.arange(0, KPAD)
+    tl.store(out_ptr + t * stride_ot + pad, tl.full([KPAD], -1, tl.int32), mask=(pad >= need) & (pad < K))
+
+
 def _check_indexer(q, w, keys, key_scale, block_table, n_keys):
     _check(q.dim() == 3 and q.dtype in (torch.bfloat16, torch.float8_e4m3fn) and q.stride(-1) == 1,
            f"q must be [T, HI, cI] bf16 or float8_e4m3fn with a contiguous last dim, got {tuple(q.shape)} {q.dtype}")
@@ -337,9 +370,31 @@ def topk_select(logits, mm, n_keys, k, ws=None):
     return out
 
 
+def topk_row(logits, n_keys, k):
+    """topk_select for rows of at most 32,768 logits (16 warps x 64 a thread), one register-resident program
+    per row."""
+    T, N = logits.shape
+    _check(N <= 32768, f"topk_row takes rows of at most 32768 logits, got {N}")
+    out = torch.empty(T, k, dtype=torch.int32, device=logits.device)
+    block = max(triton.next_power_of_2(N), 16)
+    # 8 warps from 4K entries: measured best for 4K-16K rows on H200 (4 warps only at <= 2K)
+    _topk_row_kernel[(T,)](logits, n_keys, out, k, N, logits.stride(0), out.stride(0), BLOCK=block,
+                           KPAD=triton.next_power_of_2(k), num_warps=4 if block <= 2048 else 8)
+    return out
+
+
+# Rows up to this many candidates (32K tokens) take topk_row. Measured against the histogram chain, H200,
+# k = 512, batch 1 and 32 alike: 10 vs 27 µs at 2K entries, 14 vs 29 at 4K, 22 vs 29 at 8K, 37 vs 28 at 16K
+# (the bisection's per-thread work grows with the row). A two-pass form (chunk top-k, then this kernel on the
+# candidates) measured 62 µs at 262,144 against the chain's 27.6, so long rows keep the chain.
+TOPK_ROW_MAX = 8192
+
+
 def indexer_topk(q, w, keys, key_scale, block_table, n_keys, k):
     """Top-k LOGICAL entry ids [T, k] int32 of score(j) = sum_h w[h] relu(q[h].key_j) scale_j, j < n_keys[t],
     -1 padded when n_keys[t] < k; order arbitrary."""
+    if block_table.shape[1] * keys.shape[1] <= TOPK_ROW_MAX:  # capacity, known on the host: graph safe
+        return topk_row(indexer_scores(q, w, keys, key_scale, block_table, n_keys)[0], n_keys, k)
     ws = torch.empty(q.shape[0], HIST_BINS + 2, dtype=torch.int32, device=q.device)  # zeroed by the scoring
     logits, mm = indexer_scores(q, w, keys, key_scale, block_table, n_keys, ws)
     return topk_select(logits, mm, n_keys, k, ws)
@@ -600,14 +655,13 @@ def hca_attn_ref(q, kv_pool, rows, n_rows, sink, scale, win=None, win_idx=None):
 # and each expert's segment is padded to a multiple of BLOCK_M, so every BLOCK_M tile of rows belongs to
 # one expert; `tile_expert[i]` is that expert (-1 = an empty tile, skipped). `moe_align` builds it.
 #
-# Hopper path ("upcast"): A is quantized in registers (amax per 128 -> pow2 scale -> e4m3 -> back), which is exact
-# in bf16; B's e2m1 codes are placed straight into bf16 bit positions with the e8m0 exponent added to the
-# exponent field (exact as long as S >= 2, i.e. block scales >= 2^-125), then one bf16 tl.dot with fp32
-# accumulation: products are exact, only the fp32 summation order differs from the reference.
-# sm_100 path (DOT_SCALED): tl.dot_scaled(e4m3 A, ue8m0 per 32, e2m1 B, ue8m0 per 32) -> tcgen05 block
-# scaled MMA (kind::mxf8f6f4); A's per-128 scale is repeated over its four 32-wide groups. "scaled_bf16":
-# tl.dot_scaled(bf16 A, e2m1 B + ue8m0), which Triton lowers on sm_90 to its own upcast + bf16 MMA; exact for
-# these scales, and measured faster than the hand-written upcast on H200, so it is the GPU default.
+# Hopper path ("scaled_bf16"): A is quantized in registers (amax per 128 -> pow2 scale -> e4m3 -> back), which
+# is exact in bf16, then tl.dot_scaled(bf16 A, e2m1 B + ue8m0), which Triton lowers on sm_90 to its own e2m1 ->
+# bf16 upcast (exact for these scales) + bf16 MMA with fp32 accumulation: only the summation order differs from
+# the reference. A hand-written upcast (e2m1 code bits and the e8m0 exponent placed straight into bf16 bit
+# positions) measured 1.25-1.3x slower on H200 (KERNEL_NOTES.md), so the compiler's is kept.
+# sm_100 path ("scaled_fp8"): tl.dot_scaled(e4m3 A, ue8m0 per 32, e2m1 B, ue8m0 per 32) -> tcgen05 block
+# scaled MMA (kind::mxf8f6f4); A's per-128 scale is repeated over its four 32-wide groups.
 FP8_MAX = 448.0
 
 
@@ -643,25 +697,12 @@ def _fp8_quant_tile(a, FMAX: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _e2m1_to_bf16(codes, sexp, B16_BITCAST: tl.constexpr):
-    """e2m1 codes (int32, 0..15) and e8m0 bytes (int32, broadcast) -> bf16 code x 2^(sexp-127), exactly.
-    |code| m = 2e+f: value 2^(e-1)(1+f/2) for e > 0, 0.5 for m = 1, 0 for m = 0; in bf16 bits that is
-    (exponent field e + S - 1) << 7 | f << 6 = (m + 2S - 2) << 6, where m = 1 (0.5) needs one less."""
-    m = codes & 7
-    bits = (m + 2 * sexp - 2 - (m == 1).to(tl.int32)) << 6
-    bits = tl.where(m == 0, 0, bits) | ((codes & 8) << 12)
-    if B16_BITCAST:  # GPU: reinterpret the 16 bits directly
-        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return (bits << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)  # bf16 bits -> fp32 -> bf16: exact
-
-
-@triton.jit
 def _moe_gemm_kernel(x_ptr, w_ptr, ws_ptr, te_ptr, y_ptr, N, K,
                      stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-                     PREQUANT: tl.constexpr, B16_BITCAST: tl.constexpr, UPCAST: tl.constexpr):
-    """MODE 0: explicit e2m1 -> bf16 upcast + bf16 tl.dot (Hopper); 1: tl.dot_scaled e4m3 x e2m1 (sm_100
-    tcgen05 block-scaled); 2: tl.dot_scaled bf16 x e2m1 (the compiler's own upcast on Hopper).
+                     PREQUANT: tl.constexpr, UPCAST: tl.constexpr):
+    """MODE 1: tl.dot_scaled e4m3 x e2m1 (sm_100 tcgen05 block-scaled); 2: tl.dot_scaled bf16 x e2m1 (the
+    compiler's own upcast on Hopper; any GPU and the interpreter).
     PREQUANT: x already holds fp8_roundtrip(x) (act_quant(x, bf16_out=True)), skip the in-tile quant."""
     tl.static_assert(BLOCK_K == 128)  # one activation scale per 128 along K
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -691,18 +732,7 @@ def _moe_gemm_kernel(x_ptr, w_ptr, ws_ptr, te_ptr, y_ptr, N, K,
             else:
                 q, scale, sa = _fp8_quant_tile(a.to(tl.float32), 448.0, UPCAST)
                 a16 = (q.to(tl.float32) * scale[:, None]).to(tl.bfloat16)  # exact: e4m3 x 2^k fits bf16
-            if MODE == 2:
-                acc = tl.dot_scaled(a16, None, "bf16", tl.trans(wp), ws, "e2m1", acc)
-            else:  # exact bf16 operands, one bf16 MMA per K step
-                wi = wp.to(tl.int32)
-                codes = tl.reshape(tl.join(wi & 15, wi >> 4), (BLOCK_N, BLOCK_K))  # [BN,BK/2,2] -> [BN,BK]
-                sexp = tl.reshape(tl.broadcast_to(ws.to(tl.int32)[:, :, None], (BLOCK_N, BLOCK_K // 32, 32)),
-                                  (BLOCK_N, BLOCK_K))
-                b16 = _e2m1_to_bf16(codes, sexp, B16_BITCAST)
-                if UPCAST:
-                    acc += tl.dot(a16.to(tl.float32), tl.trans(b16.to(tl.float32)))
-                else:
-                    acc = tl.dot(a16, tl.trans(b16), acc)
+            acc = tl.dot_scaled(a16, None, "bf16", tl.trans(wp), ws, "e2m1", acc)
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=n_ok[None, :])
 
@@ -735,7 +765,7 @@ def _moe_meta(block_m, n):
     return {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 
 
-MOE_MODES = {"upcast": 0, "scaled_fp8": 1, "scaled_bf16": 2}
+MOE_MODES = {"scaled_fp8": 1, "scaled_bf16": 2}
 
 
 def moe_grouped_gemm(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=None, prequant=False,
@@ -743,10 +773,12 @@ def moe_grouped_gemm(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=
     """y[r] = fp8_roundtrip(x[r]) @ dequant(w[e], w_scale[e])^T for every row r of a tile of expert e:
     x [M, K] bf16 (M = len(tile_expert) * BLOCK_M, sorted + padded by expert), w [E, N, K/2] packed e2m1
     (uint8 / int8 / float4_e2m1fn_x2), w_scale [E, N, K/32] e8m0 (or uint8) -> y [M, N] (rows of empty
-    tiles are left unwritten). mode: "upcast" (Hopper, explicit), "scaled_fp8" (sm_100 only), "scaled_bf16"
-    (tl.dot_scaled with a bf16 lhs). prequant: x already equals fp8_roundtrip(x) (act_quant(.., bf16_out=True))."""
-    if mode is None:  # scaled_bf16 measured 1.25x (decode) / 1.07x (prefill) faster than upcast on H200 (KERNEL_NOTES)
-        mode = "upcast" if INTERPRET else "scaled_bf16"
+    tiles are left unwritten). mode: "scaled_fp8" (e4m3 x e2m1, native on sm_100, the default there; emulated
+    elsewhere; not under the interpreter) or "scaled_bf16" (bf16 x e2m1, the default otherwise).
+    prequant: x already equals fp8_roundtrip(x) (act_quant(.., bf16_out=True))."""
+    if mode is None:
+        native = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 10
+        mode = "scaled_fp8" if native and not INTERPRET else "scaled_bf16"
     _check(mode in MOE_MODES, f"mode must be one of {list(MOE_MODES)}, got {mode!r}")
     _check(x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.stride(-1) == 1,
            f"x must be [M, K] bf16/fp16/fp32 with a contiguous last dim, got {tuple(x.shape)} {x.dtype}")
@@ -763,7 +795,7 @@ def moe_grouped_gemm(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=
     _check(block_m in (16, 32, 64, 128), f"BLOCK_M = M / len(tile_expert) must be 16..128, got {block_m}")
     w8, s8 = w.view(torch.uint8), w_scale.view(torch.uint8)
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    meta = {"B16_BITCAST": False, **(meta or _moe_meta(block_m, N))}
+    meta = dict(meta or _moe_meta(block_m, N))
     grid = (tile_expert.numel(), triton.cdiv(N, meta["BLOCK_N"]))
     _moe_gemm_kernel[grid](x, w8, s8, tile_expert, y, N, K, x.stride(0), w8.stride(0), w8.stride(1),
                            s8.stride(0), s8.stride(1), y.stride(0), BLOCK_M=block_m, BLOCK_K=128,
@@ -885,11 +917,16 @@ def fp8_gemm(x, w, w_scale, out_dtype=torch.bfloat16, meta=None):
     q, s = act_quant(x.contiguous())
     s8 = w_scale.view(torch.uint8)
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    # Chosen: 128x128 tiles with 8 warps for M >= 128 (one WGMMA pair per warpgroup); 64-row tiles and 4
-    # warps for small M, where the weight stream dominates.
-    meta = dict(meta or ({"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4} if INTERPRET else
-                         {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4} if M < 128 else
-                         {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4}))
+    # Chosen from a measured handful (KERNEL_NOTES.md): 128x128 tiles, 8 warps for M >= 128 (one WGMMA pair per
+    # warpgroup). Small M streams the weight: narrow N tiles (32 wide up to N = 8192) so >= 128 programs keep
+    # enough bytes in flight, 6 stages; 16-row tiles at M <= 16 (1.5x faster than 128-wide tiles at M = 1).
+    if meta is None and INTERPRET:
+        meta = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4}
+    elif meta is None and M < 128:
+        wide = N > 8192
+        meta = {"BLOCK_M": 16 if M <= 16 else 64, "BLOCK_N": (64 if M <= 16 else 128) if wide else 32,
+                "num_warps": 4, "num_stages": 4 if wide else 6}
+    meta = dict(meta or {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4})
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _fp8_gemm_kernel[grid](q, s, w, s8, y, M, N, K, q.stride(0), s.stride(0), w.stride(0), s8.stride(0),
                            y.stride(0), BLOCK_K=128, GROUP_M=8, UPCAST=INTERPRET, **meta)
@@ -900,3 +937,231 @@ def fp8_gemm_ref(x, w, w_scale, out_dtype=torch.bfloat16, meta=None):
     N, K = w.shape
     s = _e8m0_ref(w_scale).repeat_interleave(128, 0).repeat_interleave(128, 1)[:N, :K]
     return (fp8_roundtrip_ref(x) @ (w.float() * s).T).to(out_dtype)
+
+
+# ============================================================================ 5. compressor pooling
+# Entry k of sequence b pools candidate t in [0, (1+o)m) from buffer position i = k*m + t - o*m: i < r is
+# carried state row o*m + i (negative i, overlap only: the previous complete block in rows [0, m)), i >= r is
+# token i - r of this call. With overlap, candidates t < m feed channels [0, c), t >= m channels [c, 2c).
+@triton.jit
+def _cast(x, dtype: tl.constexpr, RTNE: tl.constexpr):
+    """x.to(dtype); RTNE rounds to bf16 nearest-even in integer ops first (the interpreter's cast truncates)."""
+    if RTNE:
+        u = x.to(tl.uint32, bitcast=True)
+        x = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _compress_pool_kernel(a_ptr, z_ptr, kvs_ptr, ss_ptr, r_ptr, w_ptr, cos_ptr, sin_ptr, e_ptr, S, C, eps,
+                          stride_ab, stride_as, stride_sb, stride_sr, stride_cb, stride_ck, stride_eb, stride_ek,
+                          M: tl.constexpr, OVERLAP: tl.constexpr, HALF_R: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RTNE: tl.constexpr):
+    """One entry per program: online per-channel softmax pooling over the block's rows, RMSNorm, RoPE."""
+    b, k = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    e_row = e_ptr + b * stride_eb + k * stride_ek
+    r = tl.load(r_ptr + b).to(tl.int32)
+    if k >= (r + S) // M:  # partial or padding block: no entry, store zeros and leave
+        tl.store(e_row + offs_c, tl.zeros([BLOCK_C], dtype=tl.float32).to(e_ptr.dtype.element_ty), mask=c_ok)
+        return
+    # running max / sum / weighted sum per channel: BLOCK_R rows at a time, so m = 128 never sits in registers
+    mx = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, (1 + OVERLAP) * M, BLOCK_R):
+        t = t0 + tl.arange(0, BLOCK_R)
+        i = k * M + t - OVERLAP * M  # buffer position of each candidate row
+        t_ok = t < (1 + OVERLAP) * M
+        st, tok = (i < r) & t_ok, (i >= r) & t_ok
+        ch = offs_c[None, :] + tl.where(t >= M, OVERLAP * C, 0)[:, None]  # which half of the (1+o)c channels
+        s_off = b * stride_sb + (OVERLAP * M + i)[:, None] * stride_sr + ch
+        x_off = b * stride_ab + (i - r)[:, None].to(tl.int64) * stride_as + ch
+        ms, mt = st[:, None] & c_ok[None, :], tok[:, None] & c_ok[None, :]
+        av = tl.where(ms, tl.load(kvs_ptr + s_off, mask=ms, other=0.0), tl.load(a_ptr + x_off, mask=mt, other=0.0))
+        zv = tl.where(ms, tl.load(ss_ptr + s_off, mask=ms, other=float("-inf")),
+                      tl.load(z_ptr + x_off, mask=mt, other=float("-inf"))).to(tl.float32)
+        new = tl.maximum(mx, tl.max(zv, 0))
+        safe = tl.where(new == float("-inf"), 0.0, new)  # an all -inf prefix (absent previous block) stays 0, not NaN
+        p = tl.exp(zv - safe[None, :])
+        alpha = tl.exp(mx - safe)
+        l = l * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p * av.to(tl.float32), 0)
+        mx = new
+    # cast to the activation dtype first, as the reference does, then RMSNorm in fp32 and cast again
+    dt = e_ptr.dtype.element_ty
+    x = _cast(tl.where(c_ok, acc / l, 0.0), dt, RTNE).to(tl.float32)
+    w = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0)
+    y = _cast(x * tl.rsqrt(tl.sum(x * x, 0) / C + eps) * w, dt, RTNE).to(tl.float32)
+    # interleaved RoPE on the trailing 2*HALF_R dims: view the row as (re, im) pairs; other pairs get cos 1, sin 0
+    re, im = tl.split(tl.reshape(y, [BLOCK_C // 2, 2]))
+    j = tl.arange(0, BLOCK_C // 2) - (C // 2 - HALF_R)
+    rot = (j >= 0) & (j < HALF_R)
+    cs = tl.load(cos_ptr + b * stride_cb + k * stride_ck + j, mask=rot, other=1.0)
+    sn = tl.load(sin_ptr + b * stride_cb + k * stride_ck + j, mask=rot, other=0.0)
+    out = tl.reshape(tl.join(re * cs - im * sn, re * sn + im * cs), [BLOCK_C])
+    tl.store(e_row + offs_c, _cast(out, dt, RTNE), mask=c_ok)
+
+
+def compress_pool(a, z, kv_state, score_state, r, ratio, norm_w, eps, cos, sin, out_dtype):
+    """a, z [B,S,(1+o)c] fp32 + carry [B,(1+o)m,(1+o)c] + r [B] -> entries [B,nb,c] (0 where incomplete)."""
+    B, S, Wd = a.shape
+    o = int(ratio == 4)
+    c, nb = Wd // (1 + o), (2 * ratio - 2 + S) // ratio + 1  # nb as Compressor.forward: whole blocks + 1 spare
+    _check(all(t.dtype == torch.float32 and t.is_contiguous() for t in (a, z, kv_state, score_state, norm_w, cos, sin))
+           and z.shape == a.shape and kv_state.shape == score_state.shape == (B, (1 + o) * ratio, Wd)
+           and norm_w.shape == (c,) and cos.shape == sin.shape and cos.shape[:2] == (B, nb)
+           and 2 * cos.shape[-1] <= c and c % 2 == 0 and r.shape == (B,) and not r.is_floating_point(),
+           f"compress_pool expects contiguous fp32 a, z [B,S,(1+o)c], states [B,(1+o)m,(1+o)c], norm_w [c], "
+           f"cos/sin [B,{nb},R/2] and integer r [B], got a {tuple(a.shape)}, state {tuple(kv_state.shape)}, "
+           f"cos {tuple(cos.shape)}, r {tuple(r.shape)}")
+    e = torch.empty(B, nb, c, dtype=out_dtype, device=a.device)
+    BLOCK_C = triton.next_power_of_2(c)
+    # rows per step: all 8 for m = 4; for m = 128 bounded so a chunk of a and z stays ~8K fp32 values each
+    BLOCK_R = min(triton.next_power_of_2((1 + o) * ratio), max(1, 8192 // BLOCK_C))
+    _compress_pool_kernel[(B, nb)](a, z, kv_state, score_state, r, norm_w, cos, sin, e, S, c, eps,
+                                   a.stride(0), a.stride(1), kv_state.stride(0), kv_state.stride(1),
+                                   cos.stride(0), cos.stride(1), e.stride(0), e.stride(1),
+                                   M=ratio, OVERLAP=o, HALF_R=cos.shape[-1], BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+                                   RTNE=INTERPRET and out_dtype == torch.bfloat16, num_warps=4)
+    return e
+
+
+def compress_pool_ref(a, z, kv_state, score_state, r, ratio, norm_w, eps, cos, sin, out_dtype):
+    B, S, Wd = a.shape
+    m, o = ratio, int(ratio == 4)
+    c, nb = Wd // (1 + o), (2 * m - 2 + S) // m + 1
+    t = torch.arange((1 + o) * m, device=a.device)
+    i = (torch.arange(nb, device=a.device)[:, None] * m + t - o * m)[..., None]  # [nb,(1+o)m,1] buffer position
+    ch = torch.arange(c, device=a.device) + c * o * (t[:, None] >= m)  # [(1+o)m,c] source channel
+    pooled = torch.zeros(B, nb, c, device=a.device)
+    for b in range(B):
+        rb, n = int(r[b]), (int(r[b]) + S) // m
+        carried = i < rb
+        srow, trow = (o * m + i).clamp(0, kv_state.shape[1] - 1), (i - rb).clamp(0, S - 1)
+        val = torch.where(carried, kv_state[b][srow, ch], a[b][trow, ch])  # [nb,(1+o)m,c]
+        score = torch.where(carried, score_state[b][srow, ch], z[b][trow, ch])
+        pooled[b, :n] = (val * score.softmax(1)).sum(1)[:n]
+    x = pooled.to(out_dtype).float()
+    x = (norm_w * (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps))).to(out_dtype).float()
+    R = 2 * cos.shape[-1]
+    re, im = x[..., c - R::2].clone(), x[..., c - R + 1::2].clone()
+    x[..., c - R::2], x[..., c - R + 1::2] = re * cos - im * sin, re * sin + im * cos
+    return x.to(out_dtype)
+
+
+# ============================================================================ 6. mHC pre / post
+# hc_pre is two launches. (a) Split-K mixing GEMM: reading fn [mix, n*d] fp32 (1.5 MiB at d=4096) is the decode
+# floor, so few token tiles split K until ~one program per SM reads its own slab. Each writes fp32 partials of
+# x . fn^T (mix padded to BLOCK_M) and sum(x^2) in the spare column MIX: one workspace, no atomics, deterministic.
+# (b) One program per token: reduce, rsqrt, sigmoids, Sinkhorn on an [n, n] register tile, pre-mix u.
+@triton.jit
+def _hc_mix_kernel(x_ptr, fn_ptr, ws_ptr, N, K_SPLIT, stride_xt, stride_fm, stride_ws, stride_wt,
+                   MIX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial [BLOCK_T, BLOCK_M] of x . fn^T over one K slab of K_SPLIT, sum(x^2) in column MIX."""
+    tl.static_assert(MIX < BLOCK_M)  # the spare column carries the sum of squares
+    offs_t, offs_m = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_M)
+    ok_t = offs_t < N
+    acc, sq = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_T], dtype=tl.float32)
+    for k in range(tl.program_id(1) * K_SPLIT, (tl.program_id(1) + 1) * K_SPLIT, BLOCK_K):  # K_SPLIT*SPLITS == K
+        offs_k = k + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + offs_k[None, :], mask=ok_t[:, None],
+                    other=0.0).to(tl.float32)  # fp32 operands for tf32x3; and the interpreter's bf16 math is wrong
+        w = tl.load(fn_ptr + offs_m[None, :] * stride_fm + offs_k[:, None], mask=(offs_m < MIX)[None, :], other=0.0)
+        # tf32x3 (hi/lo TF32 split, 3 MMAs): near-fp32 mu on tensor cores; plain TF32 leaves ~1e-3 in mu, which
+        # Sinkhorn's 20 rounds then carry into comb. The interpreter ignores it and computes in fp32.
+        acc = tl.dot(x, w, acc, input_precision="tf32x3")
+        sq += tl.sum(x * x, 1)
+    ws = ws_ptr + tl.program_id(1) * stride_ws + offs_t[:, None] * stride_wt + offs_m[None, :]
+    tl.store(ws, tl.where(offs_m[None, :] == MIX, sq[:, None], acc), mask=ok_t[:, None])
+
+
+@triton.jit
+def _hc_pre_kernel(ws_ptr, x_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr, D, SPLITS, iters,
+                   stride_ws, stride_wt, stride_xt, stride_ut, norm_eps, hc_eps,
+                   HC: tl.constexpr, MIX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token t, dims [j*BLOCK_D, ...): reduce the partials, rsqrt, sigmoids, Sinkhorn (model.sinkhorn's
+    order), pre-mix of this chunk. Every chunk's program redoes the (tiny) Sinkhorn so a decode token's
+    pre-mix is spread over d/BLOCK_D programs instead of a serial loop; chunk 0 stores post and comb."""
+    tl.static_assert((HC & (HC - 1)) == 0)  # [HC, HC] register tile: power-of-two sides
+    t, offs_s, i = tl.program_id(0), tl.arange(0, BLOCK_S), tl.arange(0, HC)
+    ws, ok = ws_ptr + offs_s * stride_ws + t * stride_wt, offs_s < SPLITS  # [BLOCK_S] partial rows
+    cij = 2 * HC + i[:, None] * HC + i[None, :]
+    # each slice is summed straight off the workspace: slicing a register vector is awkward in Triton
+    rho = tl.rsqrt(tl.sum(tl.load(ws + MIX, mask=ok, other=0.0)) / (HC * D) + norm_eps)
+    pre = tl.sum(tl.load(ws[:, None] + i[None, :], mask=ok[:, None], other=0.0), 0) * rho
+    post = tl.sum(tl.load(ws[:, None] + HC + i[None, :], mask=ok[:, None], other=0.0), 0) * rho
+    c = tl.sum(tl.load(ws[:, None, None] + cij[None], mask=ok[:, None, None], other=0.0), 0) * rho
+    pre = tl.sigmoid(pre * tl.load(scale_ptr) + tl.load(base_ptr + i)) + hc_eps
+    post = 2 * tl.sigmoid(post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + i))
+    c = c * tl.load(scale_ptr + 2) + tl.load(base_ptr + cij)
+    c = tl.exp(c - tl.max(c, 1)[:, None])  # row softmax as torch computes it, + eps
+    c = c / tl.sum(c, 1)[:, None] + hc_eps
+    c = c / (tl.sum(c, 0)[None, :] + hc_eps)
+    for _ in range(iters - 1):
+        c = c / (tl.sum(c, 1)[:, None] + hc_eps)
+        c = c / (tl.sum(c, 0)[None, :] + hc_eps)
+    if tl.program_id(1) == 0:
+        tl.store(post_ptr + t * HC + i, post)
+        tl.store(comb_ptr + t * HC * HC + cij - 2 * HC, c)
+    xt, ut = x_ptr + t.to(tl.int64) * stride_xt + i[:, None] * D, u_ptr + t.to(tl.int64) * stride_ut
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    x = tl.load(xt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0).to(tl.float32)
+    tl.store(ut + offs_d, tl.sum(pre[:, None] * x, 0).to(u_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+def hc_pre(X, fn, scale, base, norm_eps, hc_eps, iters, splits=None):
+    """X [N, n, d] -> (u [N, d] in X.dtype, post [N, n] fp32, comb [N, n, n] fp32), as model.Block.hc_pre."""
+    _check(X.dim() == 3 and X.is_contiguous() and X.dtype in (torch.float32, torch.bfloat16),
+           f"X must be a contiguous fp32 or bf16 [N, n, d], got {tuple(X.shape)} {X.dtype}")
+    N, n, d = X.shape
+    mix, K, BLOCK_K = (2 + n) * n, n * d, 128
+    _check(n & (n - 1) == 0 and K % BLOCK_K == 0 and iters >= 1,
+           f"need n a power of two, n*d % {BLOCK_K} == 0 and iters >= 1, got n={n}, d={d}, iters={iters}")
+    _check(fn.shape == (mix, K) and fn.is_contiguous() and scale.shape == (3,) and base.shape == (mix,) and fn.dtype
+           == scale.dtype == base.dtype == torch.float32, f"fn, scale, base must be fp32 [{mix}, {K}], [3], [{mix}]")
+    # 16 tokens (tl.dot's minimum) for decode; 64 (a wgmma / tcgen05 M) once 64-row tiles fill a few waves:
+    # every tile re-reads fn (1.5 MiB) from L2, and 16-row tiles use the slower mma.sync
+    BLOCK_T = 64 if N >= 8 * _num_sms(X.device) else 16
+    chunks, tiles = K // BLOCK_K, triton.cdiv(N, BLOCK_T)
+    if splits is None:  # ~one program per SM (decode d=4096 on 132 SMs: 128 splits of 128 K), 1 at large N
+        splits = max(s for s in range(1, min(chunks, triton.cdiv(_num_sms(X.device), tiles)) + 1) if chunks % s == 0)
+    _check(chunks % splits == 0, f"splits must divide n*d/{BLOCK_K} = {chunks}, got {splits}")
+    ws = X.new_empty(splits, N, triton.next_power_of_2(mix + 1), dtype=torch.float32)  # [SPLITS, N, BLOCK_M]
+    _hc_mix_kernel[(tiles, splits)](X, fn, ws, N, K // splits, X.stride(0), fn.stride(0), ws.stride(0), ws.stride(1),
+                                    MIX=mix, BLOCK_T=BLOCK_T, BLOCK_M=ws.shape[2], BLOCK_K=BLOCK_K, num_warps=4)
+    u, post, comb = X.new_empty(N, d), X.new_empty(N, n, dtype=torch.float32), X.new_empty(N, n, n, dtype=torch.float32)
+    _hc_pre_kernel[(N, triton.cdiv(d, 512))](ws, X, scale, base, u, post, comb, d, splits, iters, ws.stride(0), ws.stride(1),
+                         X.stride(0), u.stride(0), norm_eps, hc_eps, HC=n, MIX=mix,
+                         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=512, num_warps=1)  # one warp: the
+    # [n, n] Sinkhorn reductions then stay in shuffles, with no block-wide barrier in each of the 40 steps
+    return u, post, comb
+
+
+@triton.jit
+def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, y_ptr, D, stride_ft, stride_xt, stride_yt,
+                    HC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """y[k] = post[k] f + sum_j comb[j, k] x[j] for one token and one BLOCK_D chunk, all HC streams at once."""
+    t, i = tl.program_id(0).to(tl.int64), tl.arange(0, HC)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = offs_d[None, :] < D
+    f = tl.load(f_ptr + t * stride_ft + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + t * stride_xt + i[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    post, comb = tl.load(post_ptr + t * HC + i), tl.load(comb_ptr + t * HC * HC + i[:, None] * HC + i[None, :])
+    y = post[:, None] * f[None, :] + tl.sum(comb[:, :, None] * x[:, None, :], 0)  # comb[j, k] x[j] summed over j
+    tl.store(y_ptr + t * stride_yt + i[:, None] * D + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def hc_post(f, X, post, comb):
+    """f [N, d], X [N, n, d], post [N, n], comb [N, n, n] -> y [N, n, d] in f.dtype, as model.Block.hc_post."""
+    _check(X.dim() == 3 and X.is_contiguous() and f.shape == (X.shape[0], X.shape[2]) and f.stride(-1) == 1,
+           f"X must be a contiguous [N, n, d] and f [N, d] with a unit last stride, got {X.shape}, {f.shape}")
+    N, n, d = X.shape
+    _check(n & (n - 1) == 0 and post.shape == (N, n) and comb.shape == (N, n, n) and post.is_contiguous() and
+           comb.is_contiguous() and post.dtype == comb.dtype == torch.float32,
+           f"need n a power of two and contiguous fp32 post [{N}, {n}], comb [{N}, {n}, {n}]")
+    y, BLOCK_D = f.new_empty(N, n, d), 128  # [n, n, 128] fp32 product: 16 a thread at 4 warps; 32 programs a token
+    _hc_post_kernel[(N, triton.cdiv(d, BLOCK_D))](f, X, post, comb, y, d, f.stride(0), X.stride(0), y.stride(0),
+                                                  HC=n, BLOCK_D=BLOCK_D, num_warps=4)
+    return y

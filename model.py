@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from attention import Attention, LayerCache, RMSNorm, new_layer_cache
 from mxfp4 import E8M0, FP4, FP8, Linear, fp8_block_dequantize
 
@@ -206,6 +207,10 @@ class Block(nn.Module):
         """Collapse the n streams to one sublayer input; return it with the post and comb maps."""
         a, n = self.args, self.args.hc_mult
         fn, scale, base = (getattr(self, f"hc_{site}_{k}") for k in ("fn", "scale", "base"))
+        if kernels.use_kernels(X.device):  # split-K mixing GEMM, then Sinkhorn and the pre-mix in one kernel
+            u, post, comb = kernels.hc_pre(X.flatten(0, 1).contiguous(), fn, scale, base, a.norm_eps, a.hc_eps,
+                                           a.hc_sinkhorn_iters)
+            return u.view(*X.shape[:2], -1), post.view(*X.shape[:3]), comb.view(*X.shape[:3], n)
         mu = hc_weights(X, fn, a.norm_eps)  # [B,S,24]
         pre = torch.sigmoid(mu[..., :n] * scale[0] + base[:n]) + a.hc_eps  # [B,S,n], positive
         post = 2 * torch.sigmoid(mu[..., n:2 * n] * scale[1] + base[n:2 * n])  # [B,S,n], in (0, 2)
@@ -217,6 +222,9 @@ class Block(nn.Module):
     @staticmethod
     def hc_post(f, X, post, comb):
         """New stream k = post_k f + sum_j comb[j,k] X_j: column k of comb mixes the old streams."""
+        if kernels.use_kernels(f.device):
+            return kernels.hc_post(f.flatten(0, 1).contiguous(), X.flatten(0, 1).contiguous(),
+                                   post.flatten(0, 1).contiguous(), comb.flatten(0, 1).contiguous()).view(X.shape)
         y = post[..., None] * f[:, :, None].float() + torch.einsum("bsjk,bsjd->bskd", comb, X.float())
         return y.to(f.dtype)  # [B,S,n,d]
 
@@ -281,12 +289,51 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.flatten(0, 1)  # [B,S,dim] -> [N,dim]
         w, idx = self.gate(x, ids.flatten())
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        # Reference dispatch: gather each expert's tokens (kernels.py sorts them into one grouped GEMM)
-        for e in idx.unique().tolist():
-            tok, slot = torch.where(idx == e)
-            y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
+        if self.experts[0].w1.fmt == "fp4" and kernels.use_kernels(x.device):
+            y = self.grouped(x, w, idx)
+        else:  # reference dispatch: gather each expert's tokens and run it
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            for e in idx.unique().tolist():
+                tok, slot = torch.where(idx == e)
+                y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
         return (y + self.shared_experts(x).float()).to(x.dtype).view(shape)
+
+    def pack(self):
+        """Stack the routed MXFP4 experts once ([E, 2*inter, dim/2] for w1 ‖ w3, [E, dim, inter/2] for w2,
+        scales alike) so one launch serves all of them; the experts' parameters become views of the stacks,
+        so the names and the state dict are unchanged and nothing is stored twice."""
+        ex, inter = self.experts, self.experts[0].w1.out_features
+        self.w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in ex])
+        self.s13 = torch.stack([torch.cat([e.w1.scale, e.w3.scale]) for e in ex])
+        self.w2s, self.s2 = torch.stack([e.w2.weight for e in ex]), torch.stack([e.w2.scale for e in ex])
+        for i, e in enumerate(ex):
+            for lin, w, s in ((e.w1, self.w13[i, :inter], self.s13[i, :inter]),
+                              (e.w3, self.w13[i, inter:], self.s13[i, inter:]), (e.w2, self.w2s[i], self.s2[i])):
+                lin.weight, lin.scale = nn.Parameter(w, requires_grad=False), nn.Parameter(s, requires_grad=False)
+
+    def grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The routed experts as two grouped MXFP4 GEMMs over token rows sorted by expert (kernels.py §4),
+        with the rounding points of Expert.forward: bf16 GEMM outputs, fp32 SwiGLU, routing weight before w2."""
+        if getattr(self, "w13", None) is None or self.w13[0].data_ptr() != self.experts[0].w1.weight.data_ptr():
+            self.pack()  # first call, or the parameters moved (e.g. .cuda()) since the last pack
+        k, inter, lim = idx.shape[1], self.experts[0].w1.out_features, self.experts[0].limit
+        big = idx.numel() >= 64 * len(self.experts)  # prefill: >= 64 rows per expert on average
+        rows, tiles = kernels.moe_align(idx, len(self.experts), 128 if big else 16)
+        ok = rows >= 0
+        r = rows.clamp(min=0).long()  # [M_pad] flat (token, slot) ids
+        xs = x[r // k] * ok[:, None].to(x.dtype)  # [M_pad, dim], padding rows zero
+        if big:  # quantize each row once, not once per N tile
+            xs = kernels.act_quant(xs, bf16_out=True)[0]
+        gv = kernels.moe_grouped_gemm(xs, self.w13, self.s13, tiles, out_dtype=x.dtype, prequant=big).float()
+        g, v = gv[:, :inter], gv[:, inter:]
+        if lim:
+            g, v = g.clamp(max=lim), v.clamp(-lim, lim)
+        h = (w.flatten()[r][:, None] * F.silu(g) * v).to(x.dtype)  # [M_pad, inter]
+        if big:
+            h = kernels.act_quant(h, bf16_out=True)[0]
+        out = kernels.moe_grouped_gemm(h, self.w2s, self.s2, tiles, out_dtype=x.dtype, prequant=big)  # [M_pad, dim]
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        return y.index_add_(0, (r // k)[ok], out[ok].float())
 
 
 # ------------------------------------------------------------------------------------ Transformer

@@ -855,8 +855,10 @@ INDEXER_CASES = [  # (q dtype, key dtype, per-key scale)
 
 
 @needs_triton
+@pytest.mark.parametrize("row_path", [True, False])  # register-resident rows, or the histogram chain
 @pytest.mark.parametrize("qdt,kdt,scaled", INDEXER_CASES)
-def test_indexer_topk_matches_reference(qdt, kdt, scaled):
+def test_indexer_topk_matches_reference(qdt, kdt, scaled, row_path, monkeypatch):
+    monkeypatch.setattr(kernels, "TOPK_ROW_MAX", 32768 if row_path else 0)
     if GPU:  # V4-Flash: 64 index heads x 128, 64 entries per page, top-512
         T, HI, CI, E, P, k, n_keys = 4, 64, 128, 64, 300, 512, [100, 3000, 9000, 16384]
     else:
@@ -881,7 +883,8 @@ def test_indexer_topk_matches_reference(qdt, kdt, scaled):
 @needs_triton
 @pytest.mark.parametrize("case", ["crowded_bin", "ties"])
 def test_topk_select_crowded_bin_and_ties(case):
-    """A threshold bin larger than select2's register tile (its streaming path), and exact ties."""
+    """A threshold bin larger than select2's register tile (its streaming path), and exact ties; the same
+    rows through topk_row."""
     g = torch.Generator().manual_seed(2)
     T, N, k = 2, (40000 if GPU else 1200), (512 if GPU else 64)
     if case == "crowded_bin":  # 60 scores spread over (2, 100], the rest within 1e-4: one linear bin
@@ -892,6 +895,10 @@ def test_topk_select_crowded_bin_and_ties(case):
     logits, nk = logits.to(DEV), torch.tensor([N, N - 77], dtype=torch.int32, device=DEV)
     idx = kernels.topk_select(logits, row_range(logits, nk), nk, k)
     assert_topk(idx, logits, nk, k, tol=0.0)
+    lr, nr = logits[:, :32768], nk.clamp(max=32768)  # the register-resident path holds up to 32K a row
+    assert_topk(kernels.topk_row(lr, nr, k), lr, nr, k, tol=0.0)
+    short = torch.tensor([N, k // 2], dtype=torch.int32, device=DEV).clamp(max=32768)  # fewer entries than k
+    assert_topk(kernels.topk_row(lr, short, k), lr, short, k, tol=0.0)
 
 
 # ------------------------------------------------------------------------------- 2./3. attention
@@ -1020,10 +1027,11 @@ def test_moe_align_layout():
 
 
 @needs_triton
-@pytest.mark.parametrize("mode,prequant", [("upcast", False), ("upcast", True)] + ([("scaled_bf16", False)] if GPU else []))
+@pytest.mark.parametrize("mode,prequant", [("scaled_bf16", False), ("scaled_bf16", True)]
+                         + ([("scaled_fp8", False)] if GPU else []))
 def test_moe_grouped_gemm_matches_reference(mode, prequant):
-    """("scaled_fp8" needs sm_100: checked by compilation below; "scaled_bf16" is GPU only: the interpreter
-    has no bf16 dot_scaled)"""
+    """("scaled_fp8", native on sm_100 and compiled for it below, runs emulated on other GPUs; the
+    interpreter cannot feed it e4m3 operands)"""
     if GPU:  # V4-Flash K = dim on 8 experts (N cut to 1024 to keep quantizing on the host short), decode- and prefill-sized tiles
         E, N, K, T, k, bms = 8, 1024, 4096, 40, 6, (16, 128)
     else:
@@ -1050,6 +1058,32 @@ def test_moe_grouped_gemm_matches_reference(mode, prequant):
         # bf16 output: one rounding (the interpreter truncates fp32 -> bf16, so allow 2 ulp-ish)
         yb = kernels.moe_grouped_gemm(xin, w, s, te, mode=mode, prequant=prequant)
         assert yb.dtype == torch.bfloat16 and rel_err(yb[ok], y[ok]) < 8e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("layer,tokens", [(0, 3), (3, 300)])  # hash-routed decode tiles; learned, prefill tiles
+def test_moe_grouped_path_matches_the_expert_loop(layer, tokens):
+    """MoE.grouped (moe_align + two grouped MXFP4 GEMMs + act_quant) against MoE.forward's per-expert loop
+    on an fp32 model: the GEMM operands are exact in both, so only the fp32 summation order differs (1e-5).
+    The experts' parameters become views of the stacks: names, dtypes and shapes are unchanged."""
+    import model as M
+    args = small_args(dtype="fp8", expert_dtype="fp4")
+    moe = random_model(args, seed=5 + layer).layers[layer].ffn.to(DEV)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(1, tokens, args.dim, generator=g).to(DEV)
+    ids = torch.randint(0, args.vocab_size, (1, tokens), generator=g).to(DEV)
+    names = {k: (v.dtype, v.shape) for k, v in moe.state_dict().items()}
+    with_kernels = M.kernels.use_kernels
+    try:  # the reference, and the shared expert both sides use (on a GPU it would run the FP8 GEMM kernel)
+        M.kernels.use_kernels = lambda dev: False
+        ref, shared = moe(x, ids), moe.shared_experts(x.flatten(0, 1))
+    finally:
+        M.kernels.use_kernels = with_kernels
+    w, idx = moe.gate(x.flatten(0, 1), ids.flatten())
+    y = (moe.grouped(x.flatten(0, 1), w, idx) + shared).view(x.shape)
+    assert rel_err(y, ref) < 1e-5
+    assert {k: (v.dtype, v.shape) for k, v in moe.state_dict().items()} == names
+    assert moe.experts[1].w3.weight.data_ptr() == moe.w13[1, args.moe_inter_dim:].data_ptr()
 
 
 @needs_triton
@@ -1094,31 +1128,183 @@ def ptx(kernel, types, consts, warps, stages):
     return triton.compile(src, target=GPUTarget("cuda", 100, 32),
                           options={"num_warps": warps, "num_stages": stages}).asm["ptx"]
 moe_t = dict(x_ptr="*bf16", w_ptr="*u8", ws_ptr="*u8", te_ptr="*i32", y_ptr="*bf16")
-base = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, PREQUANT=False, B16_BITCAST=True, UPCAST=False)
+base = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, PREQUANT=False, UPCAST=False)
 ds = ptx(kernels._moe_gemm_kernel, moe_t, dict(base, MODE=1), 8, 3)
-bf = ptx(kernels._moe_gemm_kernel, moe_t, dict(base, MODE=0), 8, 3)
+bf = ptx(kernels._moe_gemm_kernel, moe_t, dict(base, MODE=2), 8, 3)
 f8 = ptx(kernels._fp8_gemm_kernel, dict(a_ptr="*fp8e4nv", as_ptr="*fp32", b_ptr="*fp8e4nv", bs_ptr="*u8", y_ptr="*bf16"),
          dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, UPCAST=False), 8, 3)
 print("moe_scaled", "tcgen05.mma" in ds and "kind::mxf8f6f4.block_scale" in ds)
 print("moe_bf16", "tcgen05.mma" in bf and "kind::f16" in bf)
 print("fp8", "tcgen05.mma" in f8 and "kind::f8f6f4" in f8)
+mix = ptx(kernels._hc_mix_kernel, dict(x_ptr="*bf16", fn_ptr="*fp32", ws_ptr="*fp32"),
+          dict(MIX=24, BLOCK_T=64, BLOCK_M=32, BLOCK_K=128), 4, 3)
+print("hc_mix", "tcgen05.mma" in mix and "kind::tf32" in mix)
+for kern, types, consts in (  # no MMA inside these: they must compile
+        (kernels._hc_pre_kernel, dict(ws_ptr="*fp32", x_ptr="*bf16", scale_ptr="*fp32", base_ptr="*fp32", u_ptr="*bf16",
+                                      post_ptr="*fp32", comb_ptr="*fp32", norm_eps="fp32", hc_eps="fp32"),
+         dict(HC=4, MIX=24, BLOCK_S=128, BLOCK_D=128)),
+        (kernels._hc_post_kernel, dict(f_ptr="*bf16", x_ptr="*bf16", post_ptr="*fp32", comb_ptr="*fp32", y_ptr="*bf16"),
+         dict(HC=4, BLOCK_D=128)),
+        (kernels._compress_pool_kernel, dict(a_ptr="*fp32", z_ptr="*fp32", kvs_ptr="*fp32", ss_ptr="*fp32", r_ptr="*i64",
+                                             w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", e_ptr="*bf16", eps="fp32"),
+         dict(M=4, OVERLAP=1, HALF_R=32, BLOCK_R=8, BLOCK_C=512, RTNE=False))):
+    print(kern.fn.__name__ if hasattr(kern, "fn") else kern.__name__, ".visible .entry" in ptx(kern, types, consts, 4, 1))
 """
 
 
 @needs_triton
 def test_sm100_ptx_block_scaled_gemms():
-    """sm_100 code generation: dot_scaled -> tcgen05 block-scaled MMA (mxf8f6f4, e4m3 x e2m1); the Hopper
-    path -> bf16 tcgen05; the FP8 GEMM -> f8f6f4 tcgen05."""
+    """sm_100 code generation: dot_scaled e4m3 x e2m1 -> tcgen05 block-scaled MMA (mxf8f6f4); bf16 x e2m1
+    (the Hopper path) -> bf16 tcgen05 after the compiler's upcast; the FP8 GEMM -> f8f6f4 tcgen05; the mHC
+    mixing GEMM (64-token tiles, tf32x3) -> tf32 tcgen05 (decode's 16-token tiles are below tcgen05's M = 64
+    and use mma.sync); the mHC and compressor kernels without an MMA compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SM100_GEMM_SCRIPT], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "moe_scaled True" in r.stdout and "moe_bf16 True" in r.stdout and "fp8 True" in r.stdout, r.stdout
+    for line in ("moe_scaled", "moe_bf16", "fp8", "hc_mix", "_hc_pre_kernel", "_hc_post_kernel", "_compress_pool_kernel"):
+        assert f"{line} True" in r.stdout, r.stdout
+
+
+# ------------------------------------------------------------------------------ 5. compressor pooling
+def pool_inputs(B, S, m, c, R, rs, g, fresh_prev=False):
+    o, nb = int(m == 4), (2 * m - 2 + S) // m + 1
+    rnd = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    a, z = rnd(B, S, (1 + o) * c), rnd(B, S, (1 + o) * c)
+    kv_state, score_state = rnd(B, (1 + o) * m, (1 + o) * c), rnd(B, (1 + o) * m, (1 + o) * c)
+    if fresh_prev:  # sequence 0 has no previous block yet (scores -inf): an all -inf chunk in the kernel
+        kv_state[0, :m], score_state[0, :m] = 0.0, -math.inf
+    ang = torch.rand(B, nb, R // 2, generator=g).to(DEV) * 2 * math.pi
+    return a, z, kv_state, score_state, torch.tensor(rs, device=DEV), m, 1 + 0.1 * rnd(c), 1e-6, ang.cos(), ang.sin()
+
+
+# (ratio, S, c, R, r per sequence): S = 130 with r = 127 spans two m = 128 blocks; c = 128 streams m = 128 in
+# two 64-row chunks; c = 2048 makes the m = 4 chunks 4 rows, so an absent previous block is an all -inf chunk
+POOL_CASES = [(4, 1, 64, 16, [0, 3, 2]), (4, 3, 128, 64, [1, 2, 0]), (4, 9, 64, 16, [3, 0, 1]),
+              (4, 3, 2048, 64, [1, 3]), (128, 1, 64, 16, [127, 0, 5]), (128, 130, 128, 64, [0, 127, 64])]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,S,c,R,rs", POOL_CASES)
+def test_compress_pool_matches_reference(m, S, c, R, rs, dtype):
+    g = torch.Generator().manual_seed(1000 * m + 10 * S + len(rs))
+    args = pool_inputs(len(rs), S, m, c, R, rs, g, fresh_prev=(m == 4))
+    e, ref = kernels.compress_pool(*args, dtype), kernels.compress_pool_ref(*args, dtype)
+    valid = torch.arange(e.shape[1], device=DEV)[None] < ((torch.tensor(rs) + S) // m)[:, None].to(DEV)
+    assert e.dtype == dtype and e.shape == ref.shape and valid.any() and (e[~valid] == 0).all()
+    # fp32: only the online softmax's summation order differs (seen <= 2e-6); bf16: that may round one of the
+    # three casts the other way, <= 2 bf16 ulps (seen: bit-exact)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1.6e-2, rtol=1.6e-2)
+    torch.testing.assert_close(e.float(), ref.float(), **tol)
+    with pytest.raises(ValueError, match="compress_pool expects"):
+        kernels.compress_pool(args[0].bfloat16(), *args[1:], dtype)
+
+
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_compress_pool_reference_matches_the_compressor(ratio, monkeypatch):
+    """compress_pool_ref, fed the projections Compressor.forward computes, gives forward's (torch path)
+    entries over two calls, the second starting with carried rows."""
+    import attention
+    monkeypatch.setenv("V4_NO_KERNELS", "1")
+    args = small_args()
+    width, m = args.head_dim, ratio
+    torch.manual_seed(ratio)
+    comp = attention.Compressor(args, ratio, width).to(DEV)
+    for p in (comp.wkv.weight, comp.wgate.weight):
+        p.copy_(torch.randn(p.shape) / math.sqrt(args.dim))
+    comp.ape.copy_(torch.randn(comp.ape.shape))
+    comp.norm.weight.copy_(1 + 0.1 * torch.randn(width))
+    state = attention.new_compressor_state(2, ratio, width, DEV)
+    freqs = attention.rope_freqs(args, ratio)
+    start = torch.tensor([0, 6 if ratio == 4 else 100], device=DEV)  # a different r per sequence
+    for S in ((9, 3) if ratio == 4 else (130, 27)):
+        pos = start[:, None] + torch.arange(S, device=DEV)[None]
+        x = torch.randn(2, S, args.dim, device=DEV)
+        a, z, r = comp.wkv(x), comp.wgate(x) + comp.ape[pos % m], pos[:, 0] % m
+        ids = (pos[:, :1] - r[:, None]) // m + torch.arange((2 * m - 2 + S) // m + 1, device=DEV)[None]
+        cos, sin = attention.rope_cos_sin(freqs, ids * m)
+        ref = kernels.compress_pool_ref(a, z, *(t.clone() for t in state), r, m, comp.norm.weight, comp.norm.eps,
+                                        cos, sin, torch.float32)
+        e, e_ids, valid = comp(x, pos, freqs, state)  # updates the state in place
+        assert torch.equal(e_ids, ids) and valid.any()
+        torch.testing.assert_close(ref[valid], e[valid], atol=1e-5, rtol=1e-5)  # same math, fp32 order (seen: exact)
+        start = start + S
+
+
+# -------------------------------------------------------------------------------------- 6. mHC
+@pytest.fixture(scope="module")
+def hc_block():
+    return random_model(small_args(), seed=3).layers[0].to(DEV)
+
+
+def within_bf16_ulp(out, ref32) -> bool:
+    """out (bf16) within one bf16 ulp of the fp32 result: round-to-nearest on a GPU, and the interpreter's
+    fp32 -> bf16 cast, which truncates (up to one ulp)."""
+    return bool(((out.float() - ref32).abs() <= 2 ** -7 * ref32.abs() + 1e-6).all())
+
+
+def hc_pre_kernel(blk, X, **kw):
+    a = blk.args
+    return kernels.hc_pre(X, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base, a.norm_eps, a.hc_eps,
+                          a.hc_sinkhorn_iters, **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,splits", [(1, None), (37, None), (5, 1), (5, 8)])
+def test_hc_pre_and_post_match_the_block(hc_block, dtype, N, splits):
+    """kernels.hc_pre / hc_post against model.Block.hc_pre / hc_post (the torch math) on [1, N, 4, d] streams;
+    every split count that divides n*d/128 gives the same mixing logits."""
+    g = torch.Generator().manual_seed(N + 100 * (splits or 0))
+    Xb = torch.randn(1, N, 4, hc_block.args.dim, generator=g).to(DEV, dtype)
+    f = torch.randn(1, N, hc_block.args.dim, generator=g).to(DEV, dtype)
+    u_ref, post_ref, comb_ref = hc_block.hc_pre(Xb, "attn")
+    u, post, comb = hc_pre_kernel(hc_block, Xb.flatten(0, 1), splits=splits)
+    assert u.dtype == dtype and post.dtype == comb.dtype == torch.float32
+    # post / comb: fp32 math on the same inputs (tf32x3 MMAs on a GPU), summation order only: 1e-5 (~2e-7 seen)
+    assert rel_err(post, post_ref.flatten(0, 1)) < 1e-5 and rel_err(comb, comb_ref.flatten(0, 1)) < 1e-5
+    y = kernels.hc_post(f.flatten(0, 1), Xb.flatten(0, 1), post_ref.flatten(0, 1), comb_ref.flatten(0, 1))
+    y_ref = hc_block.hc_post(f, Xb, post_ref, comb_ref).flatten(0, 1)
+    if dtype == torch.float32:
+        assert rel_err(u, u_ref.flatten(0, 1)) < 1e-5 and rel_err(y, y_ref) < 1e-6  # (~1e-7 / 3e-8 seen)
+    else:  # one bf16 rounding of the same fp32 sums
+        assert within_bf16_ulp(u, hc_block.hc_pre(Xb.float(), "attn")[0].flatten(0, 1))
+        assert within_bf16_ulp(y, hc_block.hc_post(f.float(), Xb, post_ref, comb_ref).flatten(0, 1))
+    # Sinkhorn ends on a column step: columns sum to 1 - 1e-6; rows converge over the 20 rounds
+    assert torch.allclose(comb.sum(-2), torch.ones(N, 4, device=DEV), atol=1e-5)
+    assert torch.allclose(comb.sum(-1), torch.ones(N, 4, device=DEV), atol=1e-3) and (comb > 0).all()
+
+
+@needs_triton
+def test_hc_kernels_odd_width_and_bad_input(hc_block):
+    """d = 96: the 128-wide pre-mix and post chunks are masked, the split-K GEMM has 3 chunks; bad inputs."""
+    import types
+    n, d, N = 4, 96, 3
+    g = torch.Generator().manual_seed(9)
+    rnd = lambda *sh: torch.randn(*sh, generator=g).to(DEV)  # noqa: E731
+    fake = types.SimpleNamespace(args=small_args(dim=d), hc_attn_fn=rnd(24, n * d) * (n * d) ** -0.5,
+                                 hc_attn_scale=1 + 0.1 * rnd(3), hc_attn_base=0.5 * rnd(24))
+    Xb, f = rnd(1, N, n, d), rnd(1, N, d)
+    import model as M
+    refs = M.Block.hc_pre(fake, Xb, "attn")
+    outs = hc_pre_kernel(fake, Xb.flatten(0, 1), splits=3)
+    for out, ref in zip(outs, refs):
+        assert rel_err(out, ref.flatten(0, 1)) < 1e-5  # fp32, as above
+    y = kernels.hc_post(f.flatten(0, 1), Xb.flatten(0, 1), outs[1], outs[2])
+    assert rel_err(y, M.Block.hc_post(f, Xb, refs[1], refs[2]).flatten(0, 1)) < 1e-5
+    X = rnd(2, 4, hc_block.args.dim)
+    for call, msg in ((lambda: hc_pre_kernel(hc_block, X.transpose(0, 1)), "contiguous"),
+                      (lambda: hc_pre_kernel(hc_block, rnd(2, 3, hc_block.args.dim)), "power of two"),
+                      (lambda: hc_pre_kernel(hc_block, X, splits=3), "splits must divide"),
+                      (lambda: kernels.hc_post(X[:, 0, :8], X, torch.ones(2, 4), torch.ones(2, 4, 4)), "f \\[N, d\\]")):
+        with pytest.raises(ValueError, match=msg):
+            call()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_model_runs_the_kernels_on_cuda_and_matches_the_reference(monkeypatch):
-    """The switch: on CUDA the model's sparse attention, indexer and FP8 projections run the Triton kernels;
+    """The switch: on CUDA attention, indexer, compressor, FP8 projections, MoE and mHC run the Triton kernels;
     with V4_NO_KERNELS=1 they run the torch reference. Every dispatch during a prefill + decode of a bf16
     FP8 model is computed both ways on the same inputs: outputs within bf16 rounding (1e-2 relative),
     identical top-k sets. (End-to-end logits of a random bf16 model are not compared: a rounding-level
@@ -1126,7 +1312,7 @@ def test_model_runs_the_kernels_on_cuda_and_matches_the_reference(monkeypatch):
     import attention
     args = small_args(n_heads=16, dtype="fp8", expert_dtype="fp4")  # >= 16 heads for the attention kernel
     model = init_random_(Transformer(args, torch.bfloat16), 11).cuda().eval()
-    seen = {"attn": [], "indexer": [], "fp8": []}
+    seen = {"attn": [], "indexer": [], "fp8": [], "moe": [], "hc_pre": [], "hc_post": [], "comp": []}
 
     def both(name, fn, *a):
         monkeypatch.setenv("V4_NO_KERNELS", "1")
@@ -1135,12 +1321,27 @@ def test_model_runs_the_kernels_on_cuda_and_matches_the_reference(monkeypatch):
         fast = fn(*a)
         seen[name].append((fast, ref))
         return fast
+    import model as M
     orig_attn, orig_ix, orig_lin = attention.sparse_attn, attention.Indexer.forward, mxfp4.Linear.forward
+    orig_moe, orig_pre, orig_post, orig_comp = M.MoE.forward, M.Block.hc_pre, M.Block.hc_post, attention.Compressor.forward
+    monkeypatch.setattr(M.MoE, "forward", lambda self, *a: both("moe", orig_moe, self, *a))
+    monkeypatch.setattr(M.Block, "hc_pre", lambda self, *a: both("hc_pre", orig_pre, self, *a))
+    monkeypatch.setattr(M.Block, "hc_post", staticmethod(lambda *a: both("hc_post", orig_post, *a)))
+
+    def comp_both(self, x, pos, freqs, state):  # forward updates the carry in place: the reference gets a copy
+        monkeypatch.setenv("V4_NO_KERNELS", "1")
+        e, _, ok = orig_comp(self, x, pos, freqs, tuple(t.clone() for t in state))
+        monkeypatch.setenv("V4_NO_KERNELS", "0")
+        out = orig_comp(self, x, pos, freqs, state)
+        seen["comp"].append((out[0][out[2]], e[ok]))
+        return out
+    monkeypatch.setattr(attention.Compressor, "forward", comp_both)
     monkeypatch.setattr(attention, "sparse_attn", lambda *a: both("attn", orig_attn, *a))
     monkeypatch.setattr(attention.Indexer, "forward", lambda self, *a: both("indexer", orig_ix, self, *a))
     monkeypatch.setattr(mxfp4.Linear, "forward", lambda self, x: both("fp8", orig_lin, self, x)
                         if self.weight.dtype == mxfp4.FP8 else orig_lin(self, x))
-    used = {n: 0 for n in ("sparse_attn_paged", "indexer_topk", "fp8_gemm")}
+    used = {n: 0 for n in ("sparse_attn_paged", "indexer_topk", "fp8_gemm", "moe_grouped_gemm", "hc_pre", "hc_post",
+                           "compress_pool")}
     for n in used:
         fn = getattr(kernels, n)
         monkeypatch.setattr(kernels, n, lambda *a, _f=fn, _n=n, **k: used.__setitem__(_n, used[_n] + 1) or _f(*a, **k))
@@ -1150,8 +1351,9 @@ def test_model_runs_the_kernels_on_cuda_and_matches_the_reference(monkeypatch):
     for p in range(590, 600):
         model(ids[:, p:p + 1], p, cache)
     assert all(used.values()), used  # the kernels really ran
-    for name in ("attn", "fp8"):
-        assert max(rel_err(f, r) for f, r in seen[name]) < 1e-2, name
+    for name in ("attn", "fp8", "moe", "hc_pre", "hc_post", "comp"):
+        pairs = [(a, b) for f, r in seen[name] for a, b in (zip(f, r) if isinstance(f, tuple) else [(f, r)])]
+        assert max(rel_err(f, r) for f, r in pairs) < 1e-2, name
     for f, r in seen["indexer"]:
         for a, b in zip(f.flatten(0, 1).tolist(), r.flatten(0, 1).tolist()):
             assert {x for x in a if x >= 0} == {x for x in b if x >= 0}
