@@ -24,7 +24,7 @@ import triton.language as tl
 
 import kernels as K
 from kvcache import Engine, plan
-from model import Transformer, flash, init_random_, tiny
+from model import Transformer, flash, init_random_, sinkhorn, tiny
 
 HI, CI, PAGE, TOPK = 64, 128, 64, 512  # indexer: 64 heads x 128, 64 entries per page, top-512
 H, D, WIN = 64, 512, 128  # attention: 64 heads, one K=V head of 512, window 128
@@ -57,6 +57,10 @@ def graph_us(calls, reps=15, min_calls=24):
         times.append(s.elapsed_time(e) * 1e3 / len(calls))
     del g
     return statistics.median(times)
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def eager_us(fn):
@@ -116,7 +120,9 @@ def indexer_rows(ctx, B, cl, out):
     err = (logits[:, :n] - ref_score).norm().item() / ref_score.norm().item()
     t_full = graph_us([lambda s=s: K.indexer_topk(*s, TOPK) for s in sets])
     t_score = graph_us([lambda s=s: K.indexer_scores(*s) for s in sets])
-    t_sel = graph_us([lambda: K.topk_select(logits, mm, nk, TOPK)])
+    row = n <= K.TOPK_ROW_MAX  # the path indexer_topk takes
+    t_sel = graph_us([lambda: K.topk_row(logits, nk, TOPK) if row else K.topk_select(logits, mm, nk, TOPK)])
+    t_chain = graph_us([lambda: K.topk_select(logits, mm, nk, TOPK)])
     lg = logits[:, :n].contiguous()
     t_topk = graph_us([lambda: lg.topk(TOPK, dim=-1)])
     t_ref = eager_us(lambda: K.indexer_topk_ref(q, w, keys, ks, bt, nk, TOPK))
@@ -128,8 +134,10 @@ def indexer_rows(ctx, B, cl, out):
     out.append(("indexer score+top-k (fp8 keys)", tag, B, n, t_full, floor,
                 f"torch ref {t_ref:.0f}; eager bf16 score+topk {t_eager:.0f}", f"recall {recall:.4f}"))
     out.append(("  scoring only", tag, B, n, t_score, floor, "", f"rel {err:.1e}"))
-    out.append(("  top-k select (memset + 3 kernels)", tag, B, n, t_sel, B * n * 4 / cl["bw"] * 1e6,
-                f"torch.topk {t_topk:.1f}", ""))
+    t_row = graph_us([lambda: K.topk_row(logits, nk, TOPK)]) if n <= 32768 else float("nan")
+    out.append((f"  top-k ({'register-resident row' if row else 'histogram chain'})", tag, B, n, t_sel,
+                B * n * 4 / cl["bw"] * 1e6, f"torch.topk {t_topk:.1f}; histogram chain {t_chain:.1f}; "
+                f"register-resident row {t_row:.1f}", ""))
 
 
 # --------------------------------------------------------------------------------------- attention
@@ -179,36 +187,173 @@ def attn_rows(kind, ctx, B, cl, out):
                 f"{flops / t * 1e-6:.0f} TF/s", f"rel {err:.1e}"))
 
 
-def profile():
-    """Per-kernel device times (torch.profiler) of one decode-shaped call of each op, batch 1 and 32."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
-    for B in (1, 32):
-        n, pages = 262144, 262144 // PAGE
-        keys = torch.randn(B * pages, PAGE, CI, device=DEV).to(torch.float8_e4m3fn)
-        ks = torch.rand(B * pages, PAGE, device=DEV) + 0.5
-        bt = torch.randperm(B * pages, device=DEV).view(B, pages).int()
-        q = torch.randn(B, HI, CI, device=DEV).to(torch.float8_e4m3fn)
-        w = torch.randn(B, HI, device=DEV) * (CI * HI) ** -0.5
-        nk = torch.full((B,), n, dtype=torch.int32, device=DEV)
-        pool = torch.randn(B * 300000, D, device=DEV, dtype=torch.bfloat16)
-        sink, qa = torch.randn(H, device=DEV), torch.randn(B, H, D, device=DEV, dtype=torch.bfloat16)
-        csa = torch.randint(0, pool.shape[0], (B, WIN + TOPK), device=DEV, dtype=torch.int32)
-        hca = torch.randint(0, pool.shape[0], (B, WIN + 8192), device=DEV, dtype=torch.int32)
-        nr = torch.full((B,), WIN + 8192, dtype=torch.int32, device=DEV)
-        ops = {"indexer_topk": lambda: K.indexer_topk(q, w, keys, ks, bt, nk, TOPK),
-               "csa": lambda: K.sparse_attn_paged(qa, pool, csa, sink, D ** -0.5),
-               "hca": lambda: K.hca_attn(qa, pool, hca, nr, sink, D ** -0.5)}
-        for name, fn in ops.items():
-            fn()
-            torch.cuda.synchronize()
-            with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    fn()
-                torch.cuda.synchronize()
-            print(f"--- {name} B={B}: device µs per call, by kernel")
-            for ev in prof.key_averages():
-                if ev.device_time_total > 0:
-                    print(f"  {ev.key[:60]:60s} {ev.device_time_total / 10:9.1f}")
+# --------------------------------------------------------------------------- MoE and dense FP8 GEMMs
+DIM, INTER, N_EXP, TOPK_E = 4096, 2048, 256, 6
+
+
+def experts(E, N, Kd):
+    """Random MXFP4 experts in the stored format: uniform codes, block scales around 2^-8."""
+    return (torch.randint(0, 256, (E, N, Kd // 2), dtype=torch.uint8, device=DEV),
+            torch.randint(118, 122, (E, N, Kd // 32), dtype=torch.uint8, device=DEV))
+
+
+def dequant_bf16(w, s):
+    codes = torch.stack([w & 15, w >> 4], -1).flatten(-2).long()
+    return (torch.tensor(K._E2M1, device=w.device)[codes] * K._e8m0_ref(s).repeat_interleave(32, -1)).bfloat16()
+
+
+def ref_grouped(x, w, s, te):
+    """moe_grouped_gemm_ref one expert at a time (all 256 dequantized at once would not fit)."""
+    y, tile = torch.zeros(x.shape[0], w.shape[1], device=x.device), te.repeat_interleave(x.shape[0] // te.numel())
+    for e in te[te >= 0].unique().tolist():
+        y[tile == e] = K.moe_grouped_gemm_ref(x[tile == e], w[e:e + 1], s[e:e + 1], te[:1] * 0, torch.float32)
+    return y
+
+
+def gemm_rows(cl, out):
+    """MoE decode (6 experts x t tokens in 16-row tiles, 8 rotated expert sets), MoE prefill (8192 tokens x
+    top-6 of 256, BLOCK_M 128, act_quant included) and the dense FP8 GEMM, each with the kernel's defaults."""
+    dim, inter, n_exp, T = (256, 128, 16, 64) if DRY else (DIM, INTER, N_EXP, 8192)
+    for layer, (N, Kd) in {"L1 w1|w3": (2 * inter, dim), "L2 w2": (dim, inter)}.items():
+        w, s = experts(48 if not DRY else 12, N, Kd)
+        for t in (1, 16):
+            sets = []
+            for r in range(w.shape[0] // 6):
+                x = torch.zeros(96, Kd, dtype=torch.bfloat16, device=DEV)
+                x.view(6, 16, Kd)[:, :t] = torch.randn(6, t, Kd, device=DEV).bfloat16()
+                sets.append((x, torch.arange(6 * r, 6 * r + 6, dtype=torch.int32, device=DEV)))
+            x, te = sets[0]
+            err = rel(K.moe_grouped_gemm(x, w, s, te, torch.float32).view(6, 16, N)[:, :t],
+                      ref_grouped(x, w, s, te).view(6, 16, N)[:, :t])
+            tm = graph_us([lambda x=x, te=te: K.moe_grouped_gemm(x, w, s, te) for x, te in sets])
+            wb = dequant_bf16(w[:6], s[:6])
+            t_cub = graph_us([lambda: [x.view(6, 16, Kd)[e, :t] @ wb[e].T for e in range(6)]])
+            bytes_ = 6 * (N * Kd // 2 + N * Kd // 32 + t * (Kd + N) * 2)
+            out.append((f"MoE decode {layer}, 6 experts x {t} tok", "-", t, 6 * t, tm, bytes_ / cl["bw"] * 1e6,
+                        f"ref {eager_us(lambda: ref_grouped(x, w, s, te)):.0f}; cuBLAS bf16 x6 (dequantized) "
+                        f"{t_cub:.1f}; {bytes_ / tm / 1e3:.0f} GB/s", f"rel {err:.1e}"))
+        w, s = experts(n_exp, N, Kd)
+        idx = torch.stack([torch.randperm(n_exp, device=DEV)[:TOPK_E] for _ in range(T)])
+        rows, te = K.moe_align(idx, n_exp, 128)
+        xin = torch.randn(T, Kd, device=DEV).bfloat16()
+        x = torch.where(rows[:, None] >= 0, xin[rows.clamp(min=0).long() // TOPK_E], 0).contiguous()
+        prefill = lambda dt=torch.bfloat16: K.moe_grouped_gemm(K.act_quant(x, bf16_out=True)[0], w, s, te, dt,  # noqa: E731
+                                                               prequant=True)
+        ok = rows >= 0
+        err = rel(prefill(torch.float32)[ok], ref_grouped(x, w, s, te)[ok])
+        tm, flops = graph_us([prefill], min_calls=3), 2 * T * TOPK_E * N * Kd
+        wb = dequant_bf16(w[:1], s[:1])[0]
+        xd = torch.randn(T * TOPK_E, Kd, device=DEV).bfloat16()
+        t_dense = eager_us(lambda: xd @ wb.T)
+        out.append((f"MoE prefill {layer}, {T} x top-6, BLOCK_M 128", "-", T, rows.numel(), tm, flops / cl["bf16"] * 1e6,
+                    f"cuBLAS dense bf16, same FLOPs {t_dense:.0f}; {flops / tm / 1e6:.0f} TF/s useful, "
+                    f"{rows.numel() / (T * TOPK_E):.2f}x padded rows", f"rel {err:.1e}"))
+    ws = [K.act_quant_ref(torch.randn(dim, dim, device=DEV) * 0.05)[0] for _ in range(16 if not DRY else 1)]
+    ss = [torch.randint(118, 122, (dim // 128, dim // 128), dtype=torch.uint8, device=DEV) for _ in ws]
+    wb = (ws[0].float() * K._e8m0_ref(ss[0]).repeat_interleave(128, 0).repeat_interleave(128, 1)).bfloat16()
+    for M in (1, 32, 4096) if not DRY else (3,):
+        x = torch.randn(M, dim, device=DEV).bfloat16()
+        err = rel(K.fp8_gemm(x, ws[0], ss[0], torch.float32), K.fp8_gemm_ref(x, ws[0], ss[0], torch.float32))
+        tm = graph_us([lambda i=i: K.fp8_gemm(x, ws[i], ss[i]) for i in range(len(ws) if M < 1024 else 1)],
+                      min_calls=24 if M < 1024 else 3)
+        flops, bytes_ = 2 * M * dim * dim, dim * dim + M * 4 * dim
+        out.append((f"FP8 GEMM {M} x {dim} -> {dim} (act_quant incl.)", "-", M, dim, tm,
+                    max(bytes_ / cl["bw"], flops / cl["fp8"]) * 1e6,
+                    f"ref {eager_us(lambda: K.fp8_gemm_ref(x, ws[0], ss[0])):.0f}; cuBLAS bf16 "
+                    f"{eager_us(lambda: x @ wb.T):.1f}; {flops / tm / 1e6:.0f} TF/s", f"rel {err:.1e}"))
+
+
+# ------------------------------------------------------------------------ compressor and mHC kernels
+def compressor_rows(cl, out):
+    """Pooling + RMSNorm + RoPE of compressed entries from fp32 projections and the carry: decode (one new
+    token per sequence) and a prefill chunk, CSA (m = 4, two overlapping 512-wide streams) and HCA (m = 128)."""
+    for m, B, S in ((4, 1, 1), (4, 32, 1), (4, 1, 8192), (128, 1, 1), (128, 32, 1), (128, 1, 8192)):
+        S, o, c = (S if not DRY else min(S, 300)), int(m == 4), D
+        nb, wd = (2 * m - 2 + S) // m + 1, (1 + int(m == 4)) * c
+        sets = []
+        for _ in range(max(1, min(16, L2_BYTES // (B * (S + 2 * m) * wd * 8)))):
+            ang = torch.rand(B, nb, 32, device=DEV)
+            sets.append((torch.randn(B, S, wd, device=DEV), torch.randn(B, S, wd, device=DEV),
+                         torch.randn(B, (1 + o) * m, wd, device=DEV), torch.randn(B, (1 + o) * m, wd, device=DEV),
+                         torch.full((B,), m - 1, device=DEV), m, torch.rand(c, device=DEV) + 0.5, 1e-6,
+                         ang.cos(), ang.sin(), torch.bfloat16))
+        err = rel(K.compress_pool(*sets[0]), K.compress_pool_ref(*sets[0]))
+        t = graph_us([lambda a=a: K.compress_pool(*a) for a in sets])
+        n_read = min(S + m - 1, nb * m) if S > 1 else (1 + o) * m  # rows of a/z or carry the entries pool
+        bytes_ = B * (n_read * wd * 8 + ((S + m - 1) // m) * c * 2)
+        out.append((f"compressor pool+norm+RoPE, m={m}, {S} new token{'s' * (S > 1)}", "-", B, B * nb, t,
+                    bytes_ / cl["bw"] * 1e6, f"torch ref {eager_us(lambda: K.compress_pool_ref(*sets[0])):.0f}",
+                    f"rel {err:.1e}"))
+
+
+def mhc_rows(cl, out):
+    """hc_pre (split-K mixing GEMM + Sinkhorn + pre-mix) and hc_post on 4 x 4096 bf16 streams, fp32 fn."""
+    n, d = 4, DIM if not DRY else 256
+    for N in (1, 32, 8192) if not DRY else (1, 40):
+        sets = [(torch.randn(N, n, d, device=DEV).bfloat16(), torch.randn(24, n * d, device=DEV) * (n * d) ** -0.5,
+                 torch.rand(3, device=DEV) + 0.5, torch.randn(24, device=DEV) * 0.5, 1e-6, 1e-6, 20)
+                for _ in range(max(1, min(16, L2_BYTES // (N * n * d * 2 + 24 * n * d * 4))))]
+        X, fn, scale, base = sets[0][:4]
+        ref_pre = lambda: torch_hc_pre(X, fn, scale, base)  # noqa: E731
+        u, post, comb = K.hc_pre(*sets[0])
+        u_r, post_r, comb_r = ref_pre()
+        err = max(rel(u, u_r), rel(post, post_r), rel(comb, comb_r))
+        t = graph_us([lambda a=a: K.hc_pre(*a) for a in sets])
+        bytes_ = 24 * n * d * 4 + N * (n * d * 2 + d * 2 + 20 * 4)
+        out.append(("mHC pre (mix GEMM + Sinkhorn + pre-mix)", "-", N, N, t, bytes_ / cl["bw"] * 1e6,
+                    f"torch path {eager_us(ref_pre):.0f}", f"rel {err:.1e}"))
+        f = torch.randn(N, d, device=DEV).bfloat16()
+        ref_post = lambda: (post[..., None] * f[:, None].float() + torch.einsum("tjk,tjd->tkd", comb, X.float())).bfloat16()  # noqa: E731
+        err = rel(K.hc_post(f, X, post, comb), ref_post())
+        t = graph_us([lambda a=a: K.hc_post(f, a[0], post, comb) for a in sets])
+        out.append(("mHC post", "-", N, N, t, N * (2 * n * d * 2 + d * 2) / cl["bw"] * 1e6,
+                    f"torch path {eager_us(ref_post):.0f}", f"rel {err:.1e}"))
+
+
+def torch_hc_pre(X, fn, scale, base, n=4):
+    """model.Block.hc_pre's torch path on [N, n, d] (no Block needed)."""
+    x = X.flatten(1).float()
+    mu = (x @ fn.T) * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+    pre = torch.sigmoid(mu[:, :n] * scale[0] + base[:n]) + 1e-6
+    post = 2 * torch.sigmoid(mu[:, n:2 * n] * scale[1] + base[n:2 * n])
+    comb = sinkhorn((mu[:, 2 * n:] * scale[2] + base[2 * n:]).view(-1, n, n), 20, 1e-6)
+    return (pre[..., None] * X.float()).sum(1).to(X.dtype), post, comb
+
+
+# -------------------------------------------------------------- the attention side of one decode step
+def stack_row(ctx, cl, out):
+    """One decode token through the attention-side kernels of all 43 V4-Flash layers at batch 1, each
+    layer with its own caches (nothing is shared, so nothing stays in L2): 21 CSA layers run indexer
+    score + top-k and sparse attention over window + top-512, 20 HCA layers attend to window + every
+    entry, 2 layers to the window only. One CUDA graph; floor = the bytes these formats must read."""
+    n, nh, scale = ctx // 4, ctx // 128, D ** -0.5
+    sink = torch.randn(H, device=DEV)
+    win = torch.randn(WIN, D, device=DEV, dtype=torch.bfloat16)  # the window rows: small, shared
+    widx = torch.arange(WIN, device=DEV, dtype=torch.int32)[None]
+    calls, bytes_ = [], 0
+    for ratio in flash().compress_ratios[:43 if not DRY else 3]:
+        q = torch.randn(1, H, D, device=DEV, dtype=torch.bfloat16)
+        if ratio == 4:
+            keys = torch.randn(n // PAGE, PAGE, CI, device=DEV).to(torch.float8_e4m3fn)
+            ks, bt = torch.rand(n // PAGE, PAGE, device=DEV) + 0.5, torch.randperm(n // PAGE, device=DEV)[None].int()
+            qi, w = torch.randn(1, HI, CI, device=DEV).to(torch.float8_e4m3fn), torch.randn(1, HI, device=DEV) * 0.01
+            nk, pool = torch.full((1,), n, dtype=torch.int32, device=DEV), torch.randn(n, D, device=DEV, dtype=torch.bfloat16)
+            calls.append(lambda q=q, a=(qi, w, keys, ks, bt, nk), p=pool: K.sparse_attn_paged(
+                q, p, K.indexer_topk(*a, TOPK), sink, scale, win=win, win_idx=widx))
+            bytes_ += n * (CI + 4) + (WIN + TOPK) * D * 2
+        elif ratio == 128:
+            pool = torch.randn(nh, D, device=DEV, dtype=torch.bfloat16)
+            rows, nr = torch.arange(nh, device=DEV, dtype=torch.int32)[None], torch.full((1,), nh, dtype=torch.int32, device=DEV)
+            calls.append(lambda q=q, p=pool, r=rows, nr=nr: K.hca_attn(q, p, r, nr, sink, scale, win=win, win_idx=widx))
+            bytes_ += (WIN + nh) * D * 2
+        else:
+            empty = torch.empty(1, 0, dtype=torch.int32, device=DEV)
+            calls.append(lambda q=q: K.sparse_attn_paged(q, win, empty, sink, scale, win=win, win_idx=widx))
+            bytes_ += WIN * D * 2
+    t = graph_us([lambda: [c() for c in calls]], min_calls=1) if not DRY else eager_us(lambda: [c() for c in calls])
+    out.append(("attention side of one decode step, 43 layers", f"{ctx >> 20}M" if ctx >= 1 << 20 else f"{ctx >> 10}K",
+                1, len(calls), t, bytes_ / cl["bw"] * 1e6, f"{bytes_ / 2 ** 20:.0f} MiB read; per layer "
+                f"{t / len(calls):.1f} µs", "per-kernel rows above"))
 
 
 # ------------------------------------------------------------------------------------ cache workloads
@@ -278,18 +423,16 @@ def bench_cache(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="indexer,csa,hca")
+    ap.add_argument("--quick", action="store_true", help="contexts 4K and 1M only")
+    ap.add_argument("--only", default="indexer,csa,hca,gemm,mhc,compressor,stack", help="comma-separated sections")
     ap.add_argument("--dry", action="store_true", help="CPU interpreter smoke run of this script, tiny sizes")
-    ap.add_argument("--profile", action="store_true", help="per-kernel device times of decode-shaped calls")
     ap.add_argument("--cache", action="store_true", help="cache workloads: hit rates, TTFT hit vs cold, capacity")
     ap.add_argument("--prefix", type=int, default=32768, help="prefix length of the TTFT measurement")
     a = ap.parse_args()
-    if a.profile:
-        return profile()
     if a.cache:
         return bench_cache(a)
     torch.manual_seed(0)
+    torch.set_grad_enabled(False)
     ctxs = [4096] if a.dry else [4096, 1 << 20] if a.quick else [4096, 65536, 262144, 1 << 20]
     bw, bf16, fp8, launch = ceilings()
     cl = dict(bw=bw, bf16=bf16, fp8=fp8)
@@ -297,23 +440,26 @@ def main():
             f"{datetime.date.today()} | copy {bw / 1e12:.2f} TB/s, bf16 {bf16 / 1e12:.0f} TF/s, fp8 {fp8 / 1e12:.0f} TF/s, "
             f"graph launch {launch:.2f} µs")
     print(head, flush=True)
+    jobs = {"indexer": [(indexer_rows, ctx, B) for B in (1, 32) for ctx in ctxs],
+            "csa": [(lambda c, B, cl, out: attn_rows("csa", c, B, cl, out), ctxs[-1], B) for B in (1, 32)],
+            "hca": [(lambda c, B, cl, out: attn_rows("hca", c, B, cl, out), ctx, B) for B in (1, 32) for ctx in ctxs],
+            "gemm": [(lambda c, B, cl, out: gemm_rows(cl, out), 0, 0)],
+            "mhc": [(lambda c, B, cl, out: mhc_rows(cl, out), 0, 0)],
+            "compressor": [(lambda c, B, cl, out: compressor_rows(cl, out), 0, 0)],
+            "stack": [(lambda c, B, cl, out: stack_row(c, cl, out), ctx, 1) for ctx in ctxs]}
     out = []
     for what in a.only.split(","):
-        for B in ((1, 2) if a.dry else (1, 32)):
-            for ctx in (ctxs[-1:] if what == "csa" else ctxs):  # CSA attention work does not depend on ctx
-                try:
-                    if what == "indexer":
-                        indexer_rows(ctx, B, cl, out)
-                    elif what == "csa":
-                        attn_rows("csa", ctx, B, cl, out)
-                    else:
-                        attn_rows("hca", ctx, B, cl, out)
-                except Exception as e:  # noqa: BLE001  one failing row must not lose the table
-                    out.append((what, ctx, B, 0, float("nan"), float("nan"), f"FAILED {repr(e)[:150]}", ""))
-                print(*out[-1], flush=True)
-                torch.cuda.empty_cache()
-    for kern in (K._indexer_score_kernel, K._attn_fwd_kernel):  # the configs the autotuner picked
-        print(getattr(kern, "fn", kern).__name__, {str(k): str(v) for k, v in getattr(kern, "cache", {}).items()})
+        for fn, ctx, B in jobs[what]:
+            if DRY and B == 32:
+                B = 2
+            n0 = len(out)
+            try:
+                fn(ctx, B, cl, out)
+            except Exception as e:  # noqa: BLE001  one failing row must not lose the table
+                out.append((what, ctx, B, 0, float("nan"), float("nan"), f"FAILED {repr(e)[:150]}", ""))
+            for r in out[n0:]:
+                print(*r, flush=True)
+            torch.cuda.empty_cache()
     lines = [head, "", "| kernel | ctx | B | rows | time µs | floor µs | % floor | baselines µs (same run) | check |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, ctx, B, n, t, f, base, chk in out:
