@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from mxfp4 import Linear, fp4_roundtrip, fp8_roundtrip
+from mxfp4 import Linear, fp4_roundtrip, fp8_roundtrip, kv_row_bytes, pack_kv, unpack_kv
 
 
 class RMSNorm(nn.Module):
@@ -82,6 +82,17 @@ def quant_kv(kv: torch.Tensor, R: int) -> torch.Tensor:
     return torch.cat([fp8_roundtrip(kv[..., :-R], 64), kv[..., -R:]], dim=-1)
 
 
+def kv_store(pool: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, R: int):
+    """Write D-wide KV rows into a pool: as they are, or packed into V4's stored layout when the pool is
+    uint8 (mxfp4.pack_kv: 584 bytes a row instead of 1,024 in bf16; lossless after quant_kv)."""
+    pool[rows] = pack_kv(x, R) if pool.dtype == torch.uint8 else x.to(pool.dtype)
+
+
+def kv_load(pool: torch.Tensor, rows: torch.Tensor, D: int, R: int, dtype) -> torch.Tensor:
+    """Read D-wide KV rows from a pool (unpacking a uint8 one) -> [..., D] in dtype."""
+    return unpack_kv(pool[rows], D, R, dtype) if pool.dtype == torch.uint8 else pool[rows]
+
+
 # --------------------------------------------------------------------------------------------- caches
 def page_rows(table: torch.Tensor, pos: torch.Tensor, page: int, base: int = 0) -> torch.Tensor:
     """Physical row of logical slot `pos` (window position or compressed entry id) of each sequence:
@@ -98,7 +109,7 @@ class LayerCache:
     tables find a sequence's rows (see page_rows). Compressor carry is per sequence, fp32, written in place.
     The per-sequence decode cache (new_layer_cache) is the special case of one page per sequence: a ring of
     W window rows and a block of T/m compressed rows; kvcache.py builds paged views of the same shape."""
-    kv: torch.Tensor  # [N, D]
+    kv: torch.Tensor  # [N, D] in the model dtype, or uint8 [N, kv_row_bytes] packed FP8 rows (kv_store)
     win_table: torch.Tensor  # [B, pages] int64
     win_page: int  # window positions per page
     comp_table: torch.Tensor | None = None  # [B, pages]; compressed entries and indexer keys share it
@@ -119,12 +130,21 @@ def new_compressor_state(batch: int, ratio: int, width: int, device):
             torch.full((batch, o * ratio, o * width), -math.inf, device=device))
 
 
+def kv_pool(args, rows: int, dtype, device) -> torch.Tensor:
+    """A pool of main-KV rows. An FP8 model in bf16 stores V4's packed layout (the non-RoPE dims are on the
+    FP8 grid already, so packing loses nothing); otherwise rows stay in the model dtype (an fp32 model's RoPE
+    dims would lose precision in the layout's bf16)."""
+    if args.dtype == "fp8" and dtype == torch.bfloat16:
+        return torch.zeros(rows, kv_row_bytes(args.head_dim, args.rope_head_dim), dtype=torch.uint8, device=device)
+    return torch.zeros(rows, args.head_dim, dtype=dtype, device=device)
+
+
 def new_layer_cache(args, ratio: int, batch: int, max_seq_len: int, dtype, device) -> LayerCache:
     """Preallocated decode cache of one layer for `batch` sequences that hold up to max_seq_len positions:
     a W-row window ring and T/m compressed rows per sequence, indexer keys, compressor carry."""
     D, W, T = args.head_dim, args.window_size, max_seq_len // ratio if ratio else 0
     one_page = torch.arange(batch, device=device)[:, None]  # sequence b owns page b of each kind
-    c = LayerCache(torch.zeros(batch * (W + T), D, dtype=dtype, device=device), one_page, W, max_pos=max_seq_len)
+    c = LayerCache(kv_pool(args, batch * (W + T), dtype, device), one_page, W, max_pos=max_seq_len)
     if ratio:
         c.comp_table, c.comp_page, c.comp_base = one_page, max(T, 1), batch * W
         c.comp_state = new_compressor_state(batch, ratio, D, device)
@@ -251,7 +271,7 @@ class Indexer(nn.Module):
 # ------------------------------------------------------------------------------------- core attention
 def sparse_attn(q, win, win_idx, kv, kv_idx, sink, scale: float) -> torch.Tensor:
     """Torch reference. q [B,S,H,D] attends over window rows win[b, win_idx] (win [B,P,D], win_idx [B,S,Kw])
-    and pool rows kv[kv_idx] (kv [N,D], kv_idx [B,S,Kc]); -1 = empty; K = V. One softmax per head with the
+    and pool rows kv[kv_idx] (kv [N,D], or a packed uint8 pool, kv_idx [B,S,Kc]); -1 = empty; K = V. One softmax per head with the
     sink z_h in the denominator only: o = sum_u exp(s_u - M) e_u / (sum_u exp(s_u - M) + exp(z_h - M)),
     M = max over real keys (spec §3.5). On CUDA it runs as one Triton kernel (kernels.sparse_attn_paged)."""
     B, S, H, D = q.shape
@@ -261,7 +281,9 @@ def sparse_attn(q, win, win_idx, kv, kv_idx, sink, scale: float) -> torch.Tensor
         w_rows = torch.where(win_idx >= 0, win_idx + b * win.shape[1], -1)  # rows of win flattened to [B*P,D]
         return kernels.sparse_attn_paged(q.reshape(B * S, H, D), kv, kv_idx.reshape(B * S, -1).int(), sink, scale,
                                          win=win.reshape(-1, D), win_idx=w_rows.reshape(B * S, -1).int()).view(B, S, H, D)
-    ent = torch.cat([win[b, win_idx.clamp(min=0)], kv[kv_idx.clamp(min=0)]], 2).float()  # [B,S,Kw+Kc,D]
+    R = kv.shape[1] - D - D // 64 if kv.dtype == torch.uint8 else 0  # a packed pool: its RoPE width
+    pool = kv_load(kv, kv_idx.clamp(min=0), D, R, torch.float32)  # [B,S,Kc,D]
+    ent = torch.cat([win[b, win_idx.clamp(min=0)].float(), pool], 2)  # [B,S,Kw+Kc,D]
     valid = torch.cat([win_idx, kv_idx], -1) >= 0  # [B,S,K]
     s = torch.einsum("bshd,bskd->bshk", q.float(), ent) * scale  # [B,S,H,K]
     s = s.masked_fill(~valid[:, :, None, :], -math.inf)
@@ -296,7 +318,10 @@ class Attention(nn.Module):
         if cache.emit_from is not None:  # a replay recomputes entries that are already stored: keep those
             ok = ok & (ids >= cache.emit_from[:, None])
         rows = page_rows(cache.comp_table, ids, cache.comp_page, 0 if index else cache.comp_base)
-        (cache.index_keys if index else cache.kv)[rows[ok]] = e[ok].to(cache.kv.dtype)
+        if index:
+            cache.index_keys[rows[ok]] = e[ok].to(cache.index_keys.dtype)
+        else:
+            kv_store(cache.kv, rows[ok], e[ok], self.rope_dim)
 
     def forward(self, x: torch.Tensor, start_pos, cache: LayerCache) -> torch.Tensor:
         """x [B,S,dim]; start_pos an int or [B] tensor (sequence b covers start_pos[b]..+S-1) -> [B,S,dim].
@@ -317,7 +342,8 @@ class Attention(nn.Module):
         # Window source: the W-1 positions before this call, gathered from the cache, then this call's kv.
         # Query t reads positions t-W+1..t of it; positions before 0 (or before a replay's start) are -1.
         prev = start[:, None] - W + 1 + torch.arange(W - 1, device=x.device)  # [B,W-1]
-        win = torch.cat([cache.kv[page_rows(cache.win_table, prev.clamp(min=0), cache.win_page)], kv], 1)
+        prev_kv = kv_load(cache.kv, page_rows(cache.win_table, prev.clamp(min=0), cache.win_page), D, R, kv.dtype)
+        win = torch.cat([prev_kv, kv], 1)
         first = torch.zeros_like(start) if cache.keep_from is None else cache.keep_from
         u = pos[..., None] - W + 1 + torch.arange(W, device=x.device)  # [B,S,W] window positions
         win_idx = torch.where(u >= first[:, None, None], u - start[:, None, None] + W - 1, -1)
@@ -338,7 +364,7 @@ class Attention(nn.Module):
         o = sparse_attn(q, win, win_idx, cache.kv, kv_idx, self.attn_sink, D ** -0.5)  # [B,S,H,D]
         # store this call's window KV; a ring keeps the last W positions, a paged table every position
         keep = min(S, cache.win_table.shape[1] * cache.win_page)
-        cache.kv[page_rows(cache.win_table, pos[:, -keep:], cache.win_page)] = kv[:, -keep:].to(cache.kv.dtype)
+        kv_store(cache.kv, page_rows(cache.win_table, pos[:, -keep:], cache.win_page), kv[:, -keep:], R)
 
         # K = V carries its key's rotation into the output; rotating back by the query position leaves a
         # relative rotation only (spec §3.4).

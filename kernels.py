@@ -443,9 +443,28 @@ ATTN_UNIT = 16 if INTERPRET else 64  # rows per split are a multiple of this, he
 
 
 @triton.jit
-def _attn_list(q, acc, m_i, l_i, base_ptr, stride_row, ids_ptr, p0, p1, qk_scale, offs_d,
+def _load_packed_rows(u8_ptr, b16_ptr, rows, offs_d, D: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Packed KV rows (mxfp4.pack_kv, D + R + D/64 bytes: D-R e4m3 | R bf16 | D/64 e8m0, the last R/64 unused)
+    -> [BLOCK_N, D] fp32: e4m3 x 2^(s-127) per 64 columns, the RoPE columns as stored. u8_ptr and b16_ptr
+    view the same pool."""
+    ok = (rows >= 0)[:, None]
+    base = rows.to(tl.int64)[:, None] * (D + R + D // 64)  # row start, bytes
+    nope = offs_d[None, :] < D - R
+    f8 = tl.load(u8_ptr + base + offs_d[None, :], mask=ok & nope, other=0, eviction_policy="evict_first")
+    sc = tl.load(u8_ptr + base + D + R + tl.arange(0, D // 64)[None, :], mask=ok, other=127)  # [BLOCK_N, D/64]
+    sc = tl.reshape(tl.broadcast_to(sc.to(tl.int32)[:, :, None], (BLOCK_N, D // 64, 64)), (BLOCK_N, D))
+    rope = tl.load(b16_ptr + base // 2 + offs_d[None, :] - (D - R) // 2, mask=ok & ~nope, other=0.0,
+                   eviction_policy="evict_first")  # bf16 units: column d sits at (D-R)/2 + d - (D-R)
+    return tl.where(nope, f8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * (sc << 23).to(tl.float32, bitcast=True),
+                    rope.to(tl.float32))
+
+
+@triton.jit
+def _attn_list(q, acc, m_i, l_i, base_ptr, b16_ptr, stride_row, ids_ptr, p0, p1, qk_scale, offs_d,
+               D: tl.constexpr, R: tl.constexpr, PACKED: tl.constexpr,
                BLOCK_N: tl.constexpr, NT: tl.constexpr, UPCAST: tl.constexpr):
-    """Rows base_ptr[ids_ptr[p0:p1]] (-1 = empty) into the online-softmax state of all heads."""
+    """Rows base_ptr[ids_ptr[p0:p1]] (-1 = empty) into the online-softmax state of all heads; PACKED rows
+    (uint8, stride_row bytes, mxfp4.pack_kv layout) are dequantized on load."""
     offs_b = tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, NT)
     for c0 in range(p0, p1, NT * BLOCK_N):
@@ -453,10 +472,15 @@ def _attn_list(q, acc, m_i, l_i, base_ptr, stride_row, ids_ptr, p0, p1, qk_scale
         ids = tl.load(ids_ptr + pos, mask=pos < p1, other=-1)  # [NT, BLOCK_N] row ids of NT tiles
         for j in range(0, tl.cdiv(tl.minimum(p1 - c0, NT * BLOCK_N), BLOCK_N)):
             rows = tl.sum(tl.where(offs_t[:, None] == j, ids, 0), axis=0)  # [BLOCK_N], this tile's ids
-            kv = tl.load(base_ptr + rows.to(tl.int64)[:, None] * stride_row + offs_d[None, :],
-                         mask=(rows >= 0)[:, None], other=0.0, eviction_policy="evict_first")  # [BLOCK_N, D], K = V
-            if UPCAST:
-                kv = kv.to(tl.float32)
+            if PACKED:
+                kv = _load_packed_rows(base_ptr, b16_ptr, rows, offs_d, D, R, BLOCK_N)
+                if not UPCAST:
+                    kv = kv.to(q.dtype)
+            else:
+                kv = tl.load(base_ptr + rows.to(tl.int64)[:, None] * stride_row + offs_d[None, :],
+                             mask=(rows >= 0)[:, None], other=0.0, eviction_policy="evict_first")  # [BLOCK_N, D], K = V
+                if UPCAST:
+                    kv = kv.to(tl.float32)
             s = tl.dot(q, tl.trans(kv)) * qk_scale  # [H,D] x [D,BLOCK_N] -> [H,BLOCK_N], log2 units
             s = tl.where((rows >= 0)[None, :], s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -472,12 +496,13 @@ def _attn_list(q, acc, m_i, l_i, base_ptr, stride_row, ids_ptr, p0, p1, qk_scale
 
 @_autotune(_ATTN_CONFIGS, key=["H", "D", "HAS_N", "SPLIT", "rows_per_split"])
 @triton.jit
-def _attn_fwd_kernel(q_ptr, kv_ptr, idx_ptr, nidx_ptr, win_off, widx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr,
+def _attn_fwd_kernel(q_ptr, kv_ptr, kvh_ptr, idx_ptr, nidx_ptr, win_ptr, widx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr,
                      qk_scale, L, LW, rows_per_split, stride_qt, stride_qh, stride_kv, stride_it, stride_w,
                      stride_wt, stride_ot, stride_oh, stride_pt, stride_ps, stride_ph, stride_mt, stride_ms,
-                     H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NT: tl.constexpr,
-                     HAS_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (t, s): token t, positions [s*rows_per_split, ...) of its list [window (LW) ‖ pool (n)]."""
+                     H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, PACKED: tl.constexpr, BLOCK_N: tl.constexpr,
+                     NT: tl.constexpr, HAS_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (t, s): token t, positions [s*rows_per_split, ...) of its list [window (LW) ‖ pool (n)].
+    PACKED: the pool holds packed FP8 rows (kv_ptr as bytes, kvh_ptr as bf16, R RoPE dims)."""
     tl.static_assert(H >= 16 and D >= 16 and BLOCK_N >= 16)
     t = tl.program_id(0)
     n = L
@@ -493,13 +518,13 @@ def _attn_fwd_kernel(q_ptr, kv_ptr, idx_ptr, nidx_ptr, win_off, widx_ptr, sink_p
     m_i = tl.full([H], -float("inf"), tl.float32)
     l_i = tl.zeros([H], tl.float32)
     acc = tl.zeros([H, D], tl.float32)
-    # two lists, one softmax, no concatenation buffer: window rows (own pool, win_off elements from kv_ptr)
-    # for positions < LW, then pool rows. Separate loops: an address that picks its pool per row is not
-    # provably contiguous, and the pipeliner then leaves the gathers synchronous.
-    acc, m_i, l_i = _attn_list(q, acc, m_i, l_i, kv_ptr + win_off, stride_w, widx_ptr + t * stride_wt,
-                               start, tl.minimum(end, LW), qk_scale, offs_d, BLOCK_N, NT, UPCAST)
-    acc, m_i, l_i = _attn_list(q, acc, m_i, l_i, kv_ptr, stride_kv, idx_ptr + t * stride_it - LW,
-                               tl.maximum(start, LW), end, qk_scale, offs_d, BLOCK_N, NT, UPCAST)
+    # two lists, one softmax, no concatenation buffer: window rows (their own bf16 pool) for positions < LW,
+    # then pool rows. Separate loops: an address that picks its pool per row is not provably contiguous, and
+    # the pipeliner then leaves the gathers synchronous.
+    acc, m_i, l_i = _attn_list(q, acc, m_i, l_i, win_ptr, win_ptr, stride_w, widx_ptr + t * stride_wt, start,
+                               tl.minimum(end, LW), qk_scale, offs_d, D, R, False, BLOCK_N, NT, UPCAST)
+    acc, m_i, l_i = _attn_list(q, acc, m_i, l_i, kv_ptr, kvh_ptr, stride_kv, idx_ptr + t * stride_it - LW,
+                               tl.maximum(start, LW), end, qk_scale, offs_d, D, R, PACKED, BLOCK_N, NT, UPCAST)
     if SPLIT:  # partial (O/l, m, l) for the combine; an empty split writes l = 0
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         sp = tl.program_id(1)
@@ -564,12 +589,17 @@ def _attn(q, kv_pool, idx, n_idx, sink, scale, win, win_idx, num_splits):
     _check(q.dim() == 3 and q.dtype in (torch.bfloat16, torch.float16) and q.stride(-1) == 1,
            f"q must be [T, H, D] bf16/fp16 with a contiguous last dim, got {tuple(q.shape)} {q.dtype}")
     T, H, D = q.shape
+    packed = kv_pool.dtype == torch.uint8  # mxfp4.pack_kv rows: D + R + D/64 bytes
+    R = kv_pool.shape[1] - D - D // 64 if packed else 0
+    _check(not packed or (kv_pool.is_contiguous() and 0 < R < D and R % 64 == 0),
+           f"a packed kv_pool must be contiguous uint8 [N, D + R + D/64] with R a multiple of 64, got {tuple(kv_pool.shape)}")
     for name, pool, ids in (("kv_pool", kv_pool, idx), ("win", win, win_idx)):
         if pool is None and name == "win":
             _check(win_idx is None, "win_idx needs win")
             continue
-        _check(pool.dim() == 2 and pool.shape[1] == D and pool.dtype == q.dtype and pool.stride(-1) == 1,
-               f"{name} must be [N, {D}] {q.dtype} with a contiguous last dim, got {tuple(pool.shape)} {pool.dtype}")
+        _check(pool.dim() == 2 and (pool.shape[1] == D and pool.dtype == q.dtype or name == "kv_pool" and packed)
+               and pool.stride(-1) == 1, f"{name} must be [N, {D}] {q.dtype} with a contiguous last dim"
+               f"{' (or packed uint8 rows)' if name == 'kv_pool' else ''}, got {tuple(pool.shape)} {pool.dtype}")
         _check(ids is not None and ids.dim() == 2 and ids.shape[0] == T and ids.dtype == torch.int32
                and ids.stride(-1) == 1, f"the index list of {name} must be [{T}, K] int32")
     _check(sink.shape == (H,), f"sink must be [{H}]")
@@ -586,12 +616,15 @@ def _attn(q, kv_pool, idx, n_idx, sink, scale, win, win_idx, num_splits):
     # partials: O/l in the output dtype (halves the round trip; the final output is rounded to it anyway)
     po = torch.empty(T, ns, H, D, dtype=q.dtype, device=q.device) if ns > 1 else o
     pm = torch.empty(T, ns, 2 * H, dtype=torch.float32, device=q.device) if ns > 1 else o  # m ‖ l per split
-    win_off = (win.data_ptr() - kv_pool.data_ptr()) // win.element_size()  # the window pool, in kv_pool elements
-    _attn_fwd_kernel[(T, ns)](q, kv_pool, idx, nidx, win_off, win_idx, sink, o, po, pm, scale * LOG2E, L, LW, rows,
+    if win is kv_pool and packed:  # no window list: any bf16 tensor stands in for its pool
+        win = q
+    kvh = kv_pool.view(torch.bfloat16) if packed else kv_pool  # the same bytes, read as bf16 for RoPE dims
+    _attn_fwd_kernel[(T, ns)](q, kv_pool, kvh, idx, nidx, win, win_idx, sink, o, po, pm, scale * LOG2E, L, LW, rows,
                               q.stride(0), q.stride(1), kv_pool.stride(0), idx.stride(0), win.stride(0),
                               win_idx.stride(0), o.stride(0), o.stride(1), po.stride(0), po.stride(1),
                               po.stride(2) if ns > 1 else 0, pm.stride(0), pm.stride(1) if ns > 1 else 0,
-                              H=H, D=D, HAS_N=n_idx is not None, SPLIT=ns > 1, UPCAST=INTERPRET, **meta)
+                              H=H, D=D, R=R, PACKED=packed, HAS_N=n_idx is not None, SPLIT=ns > 1,
+                              UPCAST=INTERPRET, **meta)
     if ns == 1:
         return o
     # combine tiles small enough that all splits of a tile arrive in one load (8K elements per program)
@@ -623,9 +656,19 @@ def hca_attn(q, kv_pool, rows, n_rows, sink, scale, win=None, win_idx=None, num_
     return _attn(q, kv_pool, rows, n_rows, sink, scale, win, win_idx, num_splits)
 
 
+def unpack_kv_ref(u, D: int):
+    """Packed rows uint8 [..., D + R + D/64] -> fp32 [..., D] (mxfp4.unpack_kv, decoded here independently)."""
+    R = u.shape[-1] - D - D // 64
+    e4m3 = u[..., :D - R].contiguous().view(torch.float8_e4m3fn).float()
+    scale = torch.ldexp(torch.ones_like(e4m3), u[..., D + R:D + R + (D - R) // 64].int().repeat_interleave(64, -1) - 127)
+    return torch.cat([e4m3 * scale, u[..., D - R:D + R].contiguous().view(torch.bfloat16).float()], -1)
+
+
 def sparse_attn_paged_ref(q, kv_pool, idx, sink, scale, win=None, win_idx=None):
-    """Torch reference, same math as attention.sparse_attn on flat pools."""
+    """Torch reference, same math as attention.sparse_attn on flat pools (kv_pool may hold packed rows)."""
     ent = kv_pool[idx.clamp(min=0).long()]  # [T,K,D]
+    if kv_pool.dtype == torch.uint8:
+        ent = unpack_kv_ref(ent, q.shape[-1])
     if win is not None:
         ent, idx = torch.cat([win[win_idx.clamp(min=0).long()], ent], 1), torch.cat([win_idx, idx], 1)
     valid = idx >= 0

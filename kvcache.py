@@ -13,19 +13,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attention import LayerCache, new_compressor_state
+from attention import LayerCache, kv_pool, new_compressor_state
 
 
-def plan(args, budget_bytes: int, policy: str, max_seqs: int, page: int = 256, elem: int = 2, pages=None):
+def plan(args, budget_bytes: int, policy: str, max_seqs: int, page: int = 256, elem: int = 2, pages=None,
+         kv_row: int | None = None):
     """Bytes of one page of each kind, and how many pages of each kind a memory budget buys. Each running
     sequence needs its compressor state (fp32) and, under recompute, at most 3 window pages (a chunk never
     crosses a page boundary and W <= page); the rest buys prefix pages, each costing csa + hca, plus
-    window + carry under store. `pages` fixes the prefix page count instead (small test pools)."""
+    window + carry under store. `pages` fixes the prefix page count instead (small test pools). kv_row:
+    bytes of a main-KV row (default D x elem; 584 for packed FP8 rows, attention.kv_pool)."""
     ratios = args.compress_ratios[:args.n_layers]
     D, cI, L = args.head_dim, args.index_head_dim, len(ratios)
-    n_csa, hca = ratios.count(4), [r for r in ratios if r > 4]
-    page_bytes = {"window": L * page * D * elem, "csa": n_csa * page // 4 * (D + cI) * elem,
-                  "hca": sum(page // r for r in hca) * D * elem, "carry": n_csa * 4 * (D + cI) * 2 * 4}
+    n_csa, hca, row = ratios.count(4), [r for r in ratios if r > 4], kv_row or D * elem
+    page_bytes = {"window": L * page * row, "csa": n_csa * page // 4 * (row + cI * elem),
+                  "hca": sum(page // r for r in hca) * row, "carry": n_csa * 4 * (D + cI) * 2 * 4}
     state = max_seqs * 4 * 2 * (n_csa * 8 * 2 * (D + cI) + sum(hca) * D)
     kinds = [k for k in ("csa", "hca") if page_bytes[k]] + (["window", "carry"] if policy == "store" else [])
     fixed = state + (3 * max_seqs * page_bytes["window"] if policy == "recompute" else 0)
@@ -147,13 +149,16 @@ class Engine:
         self.m_hca = hca[0] if hca else 0
         self.epp = {"csa": page // 4, "hca": page // self.m_hca if self.m_hca else 0}  # entries per page
         D, cI = a.head_dim, a.index_head_dim
-        page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages)
+        dt = model.dtype
+        row = kv_pool(a, 1, dt, "meta")  # the main-KV row format this model stores (packed FP8 or plain)
+        page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages,
+                                  row.shape[1] * row.element_size())
         self.pools = {k: Pool(k, c, page_bytes[k]) for k, c in counts.items() if page_bytes[k] and c}
-        dt, nw = model.dtype, counts["window"] * page
+        nw = counts["window"] * page
         self.kv, self.ikeys, self.state, self.istate, self.carry = {}, {}, {}, {}, {}
         for l, r in enumerate(ratios):  # one row pool per layer: window pages, then compressed pages
             nc = counts["csa"] * self.epp["csa"] if r == 4 else counts["hca"] * self.epp["hca"] if r else 0
-            self.kv[l] = torch.zeros(nw + nc, D, dtype=dt, device=dev)
+            self.kv[l] = kv_pool(a, nw + nc, dt, dev)
             if r:
                 self.state[l] = new_compressor_state(max_seqs, r, D, dev)
             if r == 4:

@@ -79,6 +79,32 @@ def fp4_roundtrip(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return _block_roundtrip(x, block, "fp4")
 
 
+def kv_row_bytes(D: int, R: int) -> int:
+    """Bytes of one stored main-KV row: D-R e4m3 values, R bf16 RoPE values, then D/64 e8m0 scale bytes (one
+    per 64 e4m3 values; the last R/64 pad the row). 584 for V4's D = 512, R = 64 (FlashMLA's layout)."""
+    return (D - R) + 2 * R + D // 64
+
+
+def pack_kv(x: torch.Tensor, R: int) -> torch.Tensor:
+    """[..., D] KV rows -> uint8 [..., kv_row_bytes]: the non-RoPE dims as e4m3 with a power-of-two scale per
+    64 (quant_kv's rule), the RoPE dims as bf16. Lossless for rows that went through quant_kv in bf16."""
+    nope = x[..., :-R].float().unflatten(-1, (-1, 64))  # [..., (D-R)/64, 64]
+    e = pow2_ceil_exponent(nope.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX)
+    q = (nope / torch.ldexp(torch.ones_like(nope[..., :1]), e)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    rope = x[..., -R:].to(torch.bfloat16).contiguous().view(torch.uint8)  # [..., 2R]
+    pad = torch.zeros(*x.shape[:-1], R // 64, dtype=torch.uint8, device=x.device)
+    return torch.cat([q.flatten(-2).view(torch.uint8), rope, (e[..., 0] + 127).to(torch.uint8), pad], -1)
+
+
+def unpack_kv(u: torch.Tensor, D: int, R: int, dtype) -> torch.Tensor:
+    """uint8 [..., kv_row_bytes] -> [..., D] rows in dtype (inverse of pack_kv)."""
+    n = D - R
+    q = u[..., :n].contiguous().view(FP8).float().unflatten(-1, (-1, 64))
+    scale = torch.ldexp(torch.ones_like(q[..., :1]), u[..., n + 2 * R:n + 2 * R + n // 64, None].int() - 127)
+    rope = u[..., n:n + 2 * R].contiguous().view(torch.bfloat16)
+    return torch.cat([(q * scale).flatten(-2), rope.float()], -1).to(dtype)
+
+
 def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (packed e2m1 [N, K/2], e8m0 scale [N, K/32]); one power-of-two scale per 32 along K."""
     wb = w.float().unflatten(-1, (-1, 32))

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 import generate as G
 import mxfp4
-from attention import apply_rope, rope_freqs, rope_cos_sin
+from attention import apply_rope, quant_kv, rope_freqs, rope_cos_sin
 from model import (Expert, ModelArgs, Transformer, flash, init_random_, load_model, pro, sinkhorn, tiny)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -188,6 +188,23 @@ def test_mxfp4_weights_roundtrip_bit_exact():
     assert torch.equal(w, ref)
     p2, s2 = mxfp4.mxfp4_quantize(w)
     assert torch.equal(p2.view(torch.uint8), packed.view(torch.uint8)) and torch.equal(s2.view(torch.uint8), E)
+
+
+@pytest.mark.parametrize("D", [512, 128])
+def test_packed_kv_rows_are_lossless_and_v4_sized(D):
+    """pack_kv stores quant_kv's rows (e4m3 x 2^k per 64 non-RoPE dims, bf16 RoPE dims) in D + R + D/64
+    bytes, 584 for V4 (spec §10), and unpack_kv / kernels.unpack_kv_ref (an independent decoder) give them
+    back bit for bit, including all-zero blocks and blocks near the e4m3 subnormal range."""
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(6, 5, D, generator=g).bfloat16() * 4
+    x[0, 0, :64], x[1, 1, 64:128] = 0, x[1, 1, 64:128] * 1e-5
+    rows = quant_kv(x, 64)
+    u = mxfp4.pack_kv(rows, 64)
+    assert u.dtype == torch.uint8 and u.shape[-1] == mxfp4.kv_row_bytes(D, 64) == D + 64 + D // 64
+    assert mxfp4.kv_row_bytes(512, 64) == 584
+    assert torch.equal(mxfp4.unpack_kv(u, D, 64, torch.bfloat16), rows)
+    import kernels
+    assert torch.equal(kernels.unpack_kv_ref(u, D), rows.float())
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp4"])
@@ -775,6 +792,34 @@ def test_cache_geometry_matches_spec_and_allocations():
     assert kv_bytes == expect and carry == e.pools["carry"].n * e.pools["carry"].page_bytes
 
 
+def test_fp8_model_stores_packed_rows_and_matches_a_plain_pool():
+    """A bf16 model with an FP8 config keeps its main-KV rows packed (D + R + D/64 bytes: 584 at V4's
+    D = 512, against 1,024 in bf16), in the decode cache and in the engine's pools; prefill + decode logits
+    equal those of the same model reading plain bf16 pools bit for bit, since the non-RoPE dims are on the
+    FP8 grid already. On CUDA this runs the attention kernel's dequantizing load."""
+    args = small_args(dtype="fp8", expert_dtype="fp4")
+    model = init_random_(Transformer(args, torch.bfloat16), 4).to(DEV).eval()
+    ids = torch.randint(0, 512, (2, 300), generator=torch.Generator().manual_seed(5)).to(DEV)
+    row = mxfp4.kv_row_bytes(args.head_dim, args.rope_head_dim)
+    outs = []
+    for plain in (False, True):
+        cache = model.new_cache(2, 512)
+        assert all(c.kv.dtype == torch.uint8 and c.kv.shape[1] == row for c in cache)
+        for c in cache if plain else []:
+            c.kv = torch.zeros(c.kv.shape[0], args.head_dim, dtype=torch.bfloat16, device=DEV)
+        outs.append(torch.cat([model(ids[:, :290], 0, cache)] + [model(ids[:, p:p + 1], p, cache)
+                                                                  for p in range(290, 300)], 1))
+    assert torch.equal(outs[0], outs[1])
+    e = Engine(model, 64 << 20, policy="store", max_seqs=2, log=lambda *a: None)
+    assert all(kv.dtype == torch.uint8 and kv.shape[1] == row for kv in e.kv.values())
+    assert e.pools["hca"].page_bytes == 2 * row * args.compress_ratios.count(128)  # 2 entries a page, HCA layers
+    # V4-Flash per token: CSA entry + bf16 indexer key over 4 tokens, HCA entry over 128, per layer; with the
+    # spec's 132-byte FP8 indexer keys the same arithmetic gives its 3,850 B (spec §10.2)
+    per_tok = {k: v / 256 for k, v in plan(flash(), 80 << 30, "store", 8, 256, 2, kv_row=584)[0].items()}
+    assert per_tok["csa"] == 21 * (584 + 256) / 4 and per_tok["hca"] == 20 * 584 / 128
+    assert round(21 * (584 + 132) / 4 + 20 * 584 / 128) == 3850
+
+
 def test_prefix_survives_a_stream_of_long_requests():
     """vLLM's retention collapse: window pages freed as a long request's window slides must be reused
     before anyone's cached prefix. Request 1 must still hit after K-1 others of the same size."""
@@ -919,8 +964,11 @@ ATTN_SHAPES = [(4, 64, 512, 4000, 512), (2, 64, 512, 20000, 8192)] if GPU else [
 @pytest.mark.parametrize("T,H,D,N,L", ATTN_SHAPES)
 @pytest.mark.parametrize("splits", [1, 3, None])
 @pytest.mark.parametrize("with_win", [False, True])
-def test_sparse_attn_paged_matches_reference(T, H, D, N, L, splits, with_win):
+@pytest.mark.parametrize("packed", [False, True])  # the pool as bf16 rows, or V4's packed FP8 rows
+def test_sparse_attn_paged_matches_reference(T, H, D, N, L, splits, with_win, packed):
     q, kv, idx, sink = attn_inputs(T, H, D, N, L, seed=3)
+    if packed:  # rows on the FP8 grid (as quant_kv leaves them), stored packed: dequantized inside the kernel
+        kv = mxfp4.pack_kv(quant_kv(kv, 64), 64)
     idx[0, 1:] = -1  # a query with a single real key (plus its window, if any)
     win = win_idx = None
     if with_win:  # a second source, e.g. this call's window rows: [T*W', D] rows, W' per token
@@ -975,12 +1023,13 @@ score = ptx(kernels._indexer_score_kernel,
             dict(q_ptr="*fp8e4nv", w_ptr="*fp32", k_ptr="*fp8e4nv", ks_ptr="*fp32", bt_ptr="*i32", nk_ptr="*i32",
                  logit_ptr="*fp32", mm_ptr="*fp32", ws_ptr="*i32"),
             dict(HI=64, CI=128, PAGE=64, HAS_SCALE=True, UPCAST=False, CHUNK=32, ZERO_WS=True), 4, 4)
-attn = ptx(kernels._attn_fwd_kernel,
-           dict(q_ptr="*bf16", kv_ptr="*bf16", idx_ptr="*i32", nidx_ptr="*i32", widx_ptr="*i32",
-                sink_ptr="*fp32", o_ptr="*bf16", po_ptr="*bf16", pm_ptr="*fp32", qk_scale="fp32"),
-           dict(H=64, D=512, BLOCK_N=32, NT=16, HAS_N=True, SPLIT=True, UPCAST=False), 8, 2)
+attn_t = dict(q_ptr="*bf16", kv_ptr="*bf16", kvh_ptr="*bf16", idx_ptr="*i32", nidx_ptr="*i32", win_ptr="*bf16",
+              widx_ptr="*i32", sink_ptr="*fp32", o_ptr="*bf16", po_ptr="*bf16", pm_ptr="*fp32", qk_scale="fp32")
+attn_c = dict(H=64, D=512, R=0, PACKED=False, BLOCK_N=32, NT=16, HAS_N=True, SPLIT=True, UPCAST=False)
+attn = ptx(kernels._attn_fwd_kernel, attn_t, attn_c, 8, 2)
+packed = ptx(kernels._attn_fwd_kernel, dict(attn_t, kv_ptr="*u8"), dict(attn_c, R=64, PACKED=True), 8, 2)
 print("score_f8", "tcgen05.mma" in score and "kind::f8f6f4" in score)
-print("attn", "tcgen05.mma" in attn)
+print("attn", "tcgen05.mma" in attn and "tcgen05.mma" in packed and "cvt.rn.f16x2.e4m3x2" in packed)
 """
 
 
