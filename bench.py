@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 import kernels as K
+from attention import quant_kv
+from mxfp4 import kv_row_bytes, pack_kv
 from kvcache import Engine, plan
 from model import Transformer, flash, init_random_, sinkhorn, tiny
 
@@ -146,9 +148,11 @@ def attn_rows(kind, ctx, B, cl, out):
     L = WIN + n_comp  # window rows then compressed rows, one list per query
     # rows a sequence owns in the pool; CSA reads 640 rows at any context, so its region is capped at 8K rows
     per_seq = WIN + (min(ctx // 4, 8192) if kind == "csa" else ctx // 128)
-    set_bytes = B * L * D * 2
+    row = kv_row_bytes(D, 64)  # 584: V4's packed FP8 row
+    set_bytes = B * L * row
     R = max(1, min(64, L2_BYTES // set_bytes))
-    pool = torch.randn(R * B * per_seq, D, device=DEV, dtype=torch.bfloat16)
+    plain = quant_kv(torch.randn(R * B * per_seq, D, device=DEV, dtype=torch.bfloat16), 64)
+    pool = pack_kv(plain, 64)  # the layout an FP8 model's cache stores (attention.kv_pool)
     sink = torch.randn(H, device=DEV)
     sets = []
     for r in range(R):
@@ -160,22 +164,23 @@ def attn_rows(kind, ctx, B, cl, out):
     scale = D ** -0.5
     nr = torch.full((B,), L, dtype=torch.int32, device=DEV)
     if kind == "csa":
-        fn = lambda q, rows: K.sparse_attn_paged(q, pool, rows, sink, scale)  # noqa: E731
+        fn = lambda q, rows, p=pool: K.sparse_attn_paged(q, p, rows, sink, scale)  # noqa: E731
         ref = lambda q, rows: K.sparse_attn_paged_ref(q, pool, rows, sink, scale)  # noqa: E731
     else:
-        fn = lambda q, rows: K.hca_attn(q, pool, rows, nr, sink, scale)  # noqa: E731
+        fn = lambda q, rows, p=pool: K.hca_attn(q, p, rows, nr, sink, scale)  # noqa: E731
         ref = lambda q, rows: K.hca_attn_ref(q, pool, rows, nr, sink, scale)  # noqa: E731
     q, rows = sets[0]
     o, o_ref = fn(q, rows), ref(q, rows)
     err = ((o.float() - o_ref.float()).norm() / o_ref.float().norm()).item()
     t = graph_us([lambda s=s: fn(*s) for s in sets])
+    t_plain = graph_us([lambda s=s: fn(*s, plain) for s in sets])  # the same rows read as bf16 (1 KB each)
     t_ref = eager_us(lambda: ref(q, rows))
-    kd = pool[rows.long()][:, None]  # [B,1,L,D] the same rows, dense and contiguous
+    kd = plain[rows.long()][:, None]  # [B,1,L,D] the same rows, dense and contiguous bf16
     q4 = q[:, :, None]  # [B,H,1,D]
     try:
         t_sdpa = eager_us(lambda: F.scaled_dot_product_attention(q4, kd, kd, scale=scale, enable_gqa=True))
-        t_gsdpa = eager_us(lambda: F.scaled_dot_product_attention(q4, pool[rows.long()][:, None], pool[rows.long()][:, None],
-                                                                  scale=scale, enable_gqa=True))
+        t_gsdpa = eager_us(lambda: F.scaled_dot_product_attention(q4, plain[rows.long()][:, None],
+                                                                  plain[rows.long()][:, None], scale=scale, enable_gqa=True))
     except Exception as e:  # noqa: BLE001
         t_sdpa = t_gsdpa = float("nan")
         print("sdpa failed:", repr(e)[:200])
@@ -183,8 +188,8 @@ def attn_rows(kind, ctx, B, cl, out):
     floor = max(set_bytes / cl["bw"], flops / cl["bf16"]) * 1e6
     tag = "any" if kind == "csa" else f"{ctx // 1024}K" if ctx < 1 << 20 else f"{ctx >> 20}M"
     name = "CSA sparse attn (win+top512)" if kind == "csa" else "HCA attn (win+all, split)"
-    out.append((name, tag, B, L, t, floor, f"ref {t_ref:.0f}; SDPA dense {t_sdpa:.0f}; gather+SDPA {t_gsdpa:.0f}; "
-                f"{flops / t * 1e-6:.0f} TF/s", f"rel {err:.1e}"))
+    out.append((name, tag, B, L, t, floor, f"bf16 rows {t_plain:.1f}; ref {t_ref:.0f}; SDPA dense {t_sdpa:.0f}; "
+                f"gather+SDPA {t_gsdpa:.0f}; {flops / t * 1e-6:.0f} TF/s", f"rel {err:.1e}"))
 
 
 # --------------------------------------------------------------------------- MoE and dense FP8 GEMMs
@@ -325,7 +330,9 @@ def stack_row(ctx, cl, out):
     """One decode token through the attention-side kernels of all 43 V4-Flash layers at batch 1, each
     layer with its own caches (nothing is shared, so nothing stays in L2): 21 CSA layers run indexer
     score + top-k and sparse attention over window + top-512, 20 HCA layers attend to window + every
-    entry, 2 layers to the window only. One CUDA graph; floor = the bytes these formats must read."""
+    entry, 2 layers to the window only. Compressed entries are packed FP8 rows (584 B), this call's window
+    bf16 rows, index keys e4m3 + scale. One CUDA graph; floor = the bytes these formats must read."""
+    packed_rows = lambda rows: pack_kv(quant_kv(torch.randn(rows, D, device=DEV, dtype=torch.bfloat16), 64), 64)  # noqa: E731
     n, nh, scale = ctx // 4, ctx // 128, D ** -0.5
     sink = torch.randn(H, device=DEV)
     win = torch.randn(WIN, D, device=DEV, dtype=torch.bfloat16)  # the window rows: small, shared
@@ -337,15 +344,15 @@ def stack_row(ctx, cl, out):
             keys = torch.randn(n // PAGE, PAGE, CI, device=DEV).to(torch.float8_e4m3fn)
             ks, bt = torch.rand(n // PAGE, PAGE, device=DEV) + 0.5, torch.randperm(n // PAGE, device=DEV)[None].int()
             qi, w = torch.randn(1, HI, CI, device=DEV).to(torch.float8_e4m3fn), torch.randn(1, HI, device=DEV) * 0.01
-            nk, pool = torch.full((1,), n, dtype=torch.int32, device=DEV), torch.randn(n, D, device=DEV, dtype=torch.bfloat16)
+            nk, pool = torch.full((1,), n, dtype=torch.int32, device=DEV), packed_rows(n)
             calls.append(lambda q=q, a=(qi, w, keys, ks, bt, nk), p=pool: K.sparse_attn_paged(
                 q, p, K.indexer_topk(*a, TOPK), sink, scale, win=win, win_idx=widx))
-            bytes_ += n * (CI + 4) + (WIN + TOPK) * D * 2
+            bytes_ += n * (CI + 4) + WIN * D * 2 + TOPK * pool.shape[1]
         elif ratio == 128:
-            pool = torch.randn(nh, D, device=DEV, dtype=torch.bfloat16)
+            pool = packed_rows(nh)
             rows, nr = torch.arange(nh, device=DEV, dtype=torch.int32)[None], torch.full((1,), nh, dtype=torch.int32, device=DEV)
             calls.append(lambda q=q, p=pool, r=rows, nr=nr: K.hca_attn(q, p, r, nr, sink, scale, win=win, win_idx=widx))
-            bytes_ += (WIN + nh) * D * 2
+            bytes_ += WIN * D * 2 + nh * pool.shape[1]
         else:
             empty = torch.empty(1, 0, dtype=torch.int32, device=DEV)
             calls.append(lambda q=q: K.sparse_attn_paged(q, win, empty, sink, scale, win=win, win_idx=widx))
