@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 import kernels
-from mxfp4 import Linear, fp4_roundtrip, fp8_roundtrip, kv_row_bytes, pack_kv, unpack_kv
+from mxfp4 import (Linear, fp4_roundtrip, fp8_roundtrip, kv_row_bytes, pack_kv, pack_mxfp4_rows, unpack_kv,
+                   unpack_mxfp4_rows)
 
 
 class RMSNorm(nn.Module):
@@ -83,14 +84,19 @@ def quant_kv(kv: torch.Tensor, R: int) -> torch.Tensor:
 
 
 def kv_store(pool: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, R: int):
-    """Write D-wide KV rows into a pool: as they are, or packed into V4's stored layout when the pool is
-    uint8 (mxfp4.pack_kv: 584 bytes a row instead of 1,024 in bf16; lossless after quant_kv)."""
-    pool[rows] = pack_kv(x, R) if pool.dtype == torch.uint8 else x.to(pool.dtype)
+    """Write D-wide rows into a pool: as they are, or packed when the pool is uint8: main KV in V4's layout
+    (R > 0, mxfp4.pack_kv: 584 bytes a row instead of 1,024 in bf16), indexer keys as MXFP4 (R = 0,
+    pack_mxfp4_rows: 68 bytes instead of 256). Both lossless: the rows are on those grids already."""
+    if pool.dtype == torch.uint8:
+        x = pack_kv(x, R) if R else pack_mxfp4_rows(x)
+    pool[rows] = x.to(pool.dtype)
 
 
 def kv_load(pool: torch.Tensor, rows: torch.Tensor, D: int, R: int, dtype) -> torch.Tensor:
-    """Read D-wide KV rows from a pool (unpacking a uint8 one) -> [..., D] in dtype."""
-    return unpack_kv(pool[rows], D, R, dtype) if pool.dtype == torch.uint8 else pool[rows]
+    """Read D-wide rows from a pool (unpacking a uint8 one, as kv_store packed it) -> [..., D] in dtype."""
+    if pool.dtype != torch.uint8:
+        return pool[rows].to(dtype)
+    return unpack_kv(pool[rows], D, R, dtype) if R else unpack_mxfp4_rows(pool[rows], D, dtype)
 
 
 # --------------------------------------------------------------------------------------------- caches
@@ -115,7 +121,7 @@ class LayerCache:
     comp_table: torch.Tensor | None = None  # [B, pages]; compressed entries and indexer keys share it
     comp_page: int = 0  # compressed entries per page
     comp_base: int = 0  # row of kv where compressed pages start
-    index_keys: torch.Tensor | None = None  # [N_I, c_I]
+    index_keys: torch.Tensor | None = None  # [N_I, c_I], or uint8 [N_I, c_I/2 + c_I/32] MXFP4 rows (kv_store)
     comp_state: tuple | None = None  # (kv, score) [B, (1+o)m, (1+o)D] fp32; o = 1 when blocks overlap (m = 4)
     index_state: tuple | None = None  # (kv, score) [B, 8, 2 c_I]
     keep_from: torch.Tensor | None = None  # [B] window positions below this are absent (a replay's start)
@@ -130,13 +136,15 @@ def new_compressor_state(batch: int, ratio: int, width: int, device):
             torch.full((batch, o * ratio, o * width), -math.inf, device=device))
 
 
-def kv_pool(args, rows: int, dtype, device) -> torch.Tensor:
-    """A pool of main-KV rows. An FP8 model in bf16 stores V4's packed layout (the non-RoPE dims are on the
-    FP8 grid already, so packing loses nothing); otherwise rows stay in the model dtype (an fp32 model's RoPE
-    dims would lose precision in the layout's bf16)."""
-    if args.dtype == "fp8" and dtype == torch.bfloat16:
-        return torch.zeros(rows, kv_row_bytes(args.head_dim, args.rope_head_dim), dtype=torch.uint8, device=device)
-    return torch.zeros(rows, args.head_dim, dtype=dtype, device=device)
+def kv_pool(args, rows: int, dtype, device, index: bool = False) -> torch.Tensor:
+    """A pool of main-KV rows (or, index=True, of indexer keys). An FP8 model in bf16 stores V4's packed
+    formats (see kv_store); otherwise rows stay in the model dtype (an fp32 model's RoPE dims would lose
+    precision in the layout's bf16)."""
+    D, R = (args.index_head_dim, 0) if index else (args.head_dim, args.rope_head_dim)
+    if args.dtype == "fp8" and dtype == torch.bfloat16 and (D - R) % 64 == 0 and R % 64 == 0 and D % 32 == 0:
+        width = D // 2 + D // 32 if index else kv_row_bytes(D, args.rope_head_dim)
+        return torch.zeros(rows, width, dtype=torch.uint8, device=device)
+    return torch.zeros(rows, D, dtype=dtype, device=device)
 
 
 def new_layer_cache(args, ratio: int, batch: int, max_seq_len: int, dtype, device) -> LayerCache:
@@ -149,7 +157,7 @@ def new_layer_cache(args, ratio: int, batch: int, max_seq_len: int, dtype, devic
         c.comp_table, c.comp_page, c.comp_base = one_page, max(T, 1), batch * W
         c.comp_state = new_compressor_state(batch, ratio, D, device)
     if ratio == 4:
-        c.index_keys = torch.zeros(batch * max(T, 1), args.index_head_dim, dtype=dtype, device=device)
+        c.index_keys = kv_pool(args, batch * max(T, 1), dtype, device, index=True)
         c.index_state = new_compressor_state(batch, 4, args.index_head_dim, device)
     return c
 
@@ -257,10 +265,10 @@ class Indexer(nn.Module):
             table = (cache.comp_table[:, :, None] * r + torch.arange(r, device=x.device)).flatten(1)  # [B,pages*r]
             return kernels.indexer_topk(  # scores the pages in place, exact top-k over the visible entries
                 q.reshape(B * S, self.n_heads, self.head_dim), w.reshape(B * S, -1).float(),
-                cache.index_keys.view(-1, 64, self.head_dim), None, table.repeat_interleave(S, 0).int(),
+                cache.index_keys.view(-1, 64, cache.index_keys.shape[1]), None, table.repeat_interleave(S, 0).int(),
                 limit.reshape(-1).int(), self.topk).view(B, S, -1).long()
         j = torch.arange(T, device=x.device)[None].expand(B, -1)  # [B,T]
-        keys = cache.index_keys[page_rows(cache.comp_table, j, E)]  # [B,T,c_I]
+        keys = kv_load(cache.index_keys, page_rows(cache.comp_table, j, E), self.head_dim, 0, q.dtype)  # [B,T,c_I]
         # q [B,S,HI,c_I] x keys [B,T,c_I] -> [B,S,HI,T], ReLU, weighted sum over heads -> [B,S,T]
         score = (torch.einsum("bshd,btd->bsht", q, keys).relu() * w[..., None]).sum(2)
         future = torch.arange(T, device=x.device) >= limit[..., None]  # [B,S,T]
@@ -318,10 +326,7 @@ class Attention(nn.Module):
         if cache.emit_from is not None:  # a replay recomputes entries that are already stored: keep those
             ok = ok & (ids >= cache.emit_from[:, None])
         rows = page_rows(cache.comp_table, ids, cache.comp_page, 0 if index else cache.comp_base)
-        if index:
-            cache.index_keys[rows[ok]] = e[ok].to(cache.index_keys.dtype)
-        else:
-            kv_store(cache.kv, rows[ok], e[ok], self.rope_dim)
+        kv_store(cache.index_keys if index else cache.kv, rows[ok], e[ok], 0 if index else self.rope_dim)
 
     def forward(self, x: torch.Tensor, start_pos, cache: LayerCache) -> torch.Tensor:
         """x [B,S,dim]; start_pos an int or [B] tensor (sequence b covers start_pos[b]..+S-1) -> [B,S,dim].

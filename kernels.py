@@ -108,9 +108,11 @@ def _indexer_score_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, bt_ptr, nk_ptr, logit_ptr
                           stride_qt, stride_qh, stride_wt, stride_kp, stride_ke, stride_sp, stride_bt,
                           stride_lt, stride_mt, stride_wst,
                           HI: tl.constexpr, CI: tl.constexpr, PAGE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          UPCAST: tl.constexpr, CHUNK: tl.constexpr, ZERO_WS: tl.constexpr):
+                          UPCAST: tl.constexpr, CHUNK: tl.constexpr, ZERO_WS: tl.constexpr, FP4: tl.constexpr):
     """Program (t, s) scores the s-th contiguous share of row t's live pages; writes logits, min/max.
-    With ZERO_WS, program (t, 0) also zeroes row t of the top-k workspace (saves a memset launch)."""
+    With ZERO_WS, program (t, 0) also zeroes row t of the top-k workspace (saves a memset launch).
+    FP4: keys are MXFP4 rows (mxfp4.pack_mxfp4_rows: CI/2 code bytes, then CI/32 e8m0 scales), scaled inside
+    tl.dot_scaled (native block-scaled MMA on sm_100; the compiler upcasts to bf16 on sm_90)."""
     tl.static_assert(HI >= 16 and CI >= 16 and PAGE >= 16)
     t = tl.program_id(0)
     sp = tl.program_id(1)
@@ -126,7 +128,7 @@ def _indexer_score_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, bt_ptr, nk_ptr, logit_ptr
     offs_e = tl.arange(0, PAGE)
     q = tl.load(q_ptr + t * stride_qt + offs_h[:, None] * stride_qh + offs_c[None, :])  # [HI,cI]
     w = tl.load(w_ptr + t * stride_wt + offs_h)  # [HI] fp32
-    if UPCAST:
+    if UPCAST and not FP4:  # (the interpreter's dot_scaled takes bf16 as it is)
         q = q.to(tl.float32)
     hi = tl.full([PAGE], -float("inf"), tl.float32)
     lo = tl.full([PAGE], float("inf"), tl.float32)
@@ -138,14 +140,19 @@ def _indexer_score_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, bt_ptr, nk_ptr, logit_ptr
         pages = tl.load(bt_ptr + t * stride_bt + c0 + offs_g, mask=c0 + offs_g < p_hi, other=0)
         for j in range(0, tl.minimum(CHUNK, p_hi - c0)):
             page = tl.sum(tl.where(offs_g == j, pages, 0), axis=0).to(tl.int64)  # physical page
-            k = tl.load(k_ptr + page * stride_kp + offs_e[:, None] * stride_ke + offs_c[None, :],
-                        eviction_policy="evict_first")  # [E, cI] one contiguous page, streamed once
-            if UPCAST:
-                k = k.to(tl.float32)
-            elif k.dtype != q.dtype:
-                k = k.to(q.dtype)  # e4m3 keys against bf16 queries
+            krow = k_ptr + page * stride_kp + offs_e[:, None] * stride_ke
             # keys as the MMA's M side: the head reduction then runs along N, mostly inside a thread
-            s = tl.dot(k, tl.trans(q))  # [E, cI] x [cI, HI] -> [E, HI] fp32
+            if FP4:
+                kc = tl.load(krow + tl.arange(0, CI // 2)[None, :], eviction_policy="evict_first")  # [E, cI/2]
+                ks = tl.load(krow + CI // 2 + tl.arange(0, CI // 32)[None, :])  # [E, cI/32] e8m0
+                s = tl.dot_scaled(kc, ks, "e2m1", tl.trans(q), None, "bf16")  # [E, HI] fp32
+            else:
+                k = tl.load(krow + offs_c[None, :], eviction_policy="evict_first")  # [E, cI] one page, streamed once
+                if UPCAST:
+                    k = k.to(tl.float32)
+                elif k.dtype != q.dtype:
+                    k = k.to(q.dtype)  # e4m3 keys against bf16 queries
+                s = tl.dot(k, tl.trans(q))  # [E, cI] x [cI, HI] -> [E, HI] fp32
             score = tl.sum(tl.maximum(s, 0.0) * w[None, :], axis=1)  # [E]
             if HAS_SCALE:
                 score *= tl.load(ks_ptr + page * stride_sp + offs_e)
@@ -310,10 +317,13 @@ def _check_indexer(q, w, keys, key_scale, block_table, n_keys):
     _check(q.dim() == 3 and q.dtype in (torch.bfloat16, torch.float8_e4m3fn) and q.stride(-1) == 1,
            f"q must be [T, HI, cI] bf16 or float8_e4m3fn with a contiguous last dim, got {tuple(q.shape)} {q.dtype}")
     T, HI, CI = q.shape
-    _check(keys.dim() == 3 and keys.shape[2] == CI and keys.is_contiguous()
-           and keys.dtype in (torch.bfloat16, torch.float8_e4m3fn),
-           f"keys must be a contiguous [P, E, {CI}] bf16/e4m3 pool, got {tuple(keys.shape)} {keys.dtype}")
-    _check(q.dtype == keys.dtype or q.dtype == torch.bfloat16, "e4m3 queries need e4m3 keys (bf16 queries take either)")
+    fp4 = keys.dtype == torch.uint8  # MXFP4 rows: CI/2 code bytes + CI/32 scale bytes
+    _check(keys.dim() == 3 and keys.shape[2] == (CI // 2 + CI // 32 if fp4 else CI) and keys.is_contiguous()
+           and keys.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.uint8),
+           f"keys must be a contiguous [P, E, {CI}] bf16/e4m3 pool or [P, E, {CI // 2 + CI // 32}] uint8 MXFP4 rows, "
+           f"got {tuple(keys.shape)} {keys.dtype}")
+    _check(q.dtype == keys.dtype or q.dtype == torch.bfloat16, "e4m3 queries need e4m3 keys (bf16 queries take any)")
+    _check(not fp4 or key_scale is None, "MXFP4 keys carry their own scales: key_scale must be None")
     _check(w.shape == (T, HI) and w.dtype == torch.float32 and w.stride(-1) == 1, f"w must be [{T}, {HI}] fp32")
     _check(key_scale is None or (key_scale.shape == keys.shape[:2] and key_scale.dtype == torch.float32
                                  and key_scale.is_contiguous()),
@@ -343,7 +353,8 @@ def indexer_scores(q, w, keys, key_scale, block_table, n_keys, ws=None):
         q.stride(0), q.stride(1), w.stride(0), keys.stride(0), keys.stride(1),
         key_scale.stride(0) if key_scale is not None else 0, block_table.stride(0), logits.stride(0), mm.stride(0),
         ws.stride(0) if ws is not None else 0,
-        HI=HI, CI=CI, PAGE=E, HAS_SCALE=key_scale is not None, UPCAST=INTERPRET, ZERO_WS=ws is not None, **meta)
+        HI=HI, CI=CI, PAGE=E, HAS_SCALE=key_scale is not None, UPCAST=INTERPRET, ZERO_WS=ws is not None,
+        FP4=keys.dtype == torch.uint8, **meta)
     return logits, mm
 
 
@@ -371,8 +382,7 @@ def topk_select(logits, mm, n_keys, k, ws=None):
 
 
 def topk_row(logits, n_keys, k):
-    """topk_select for rows of at most 32,768 logits (16 warps x 64 a thread), one register-resident program
-    per row."""
+    """topk_select for rows of at most 32,768 logits, one register-resident program per row."""
     T, N = logits.shape
     _check(N <= 32768, f"topk_row takes rows of at most 32768 logits, got {N}")
     out = torch.empty(T, k, dtype=torch.int32, device=logits.device)
@@ -402,7 +412,12 @@ def indexer_topk(q, w, keys, key_scale, block_table, n_keys, k):
 
 def indexer_scores_ref(q, w, keys, key_scale, block_table, n_keys):
     """Torch reference logits [T, max_pages*E] fp32, -inf beyond n_keys[t]."""
-    g = keys[block_table.clamp(min=0).long()].flatten(1, 2).float()  # [T, max_pages*E, cI] logical order
+    g = keys[block_table.clamp(min=0).long()].flatten(1, 2)  # [T, max_pages*E, cI] logical order
+    if keys.dtype == torch.uint8:  # MXFP4 rows: decode the codes and the per-32 scales here
+        c = g[..., :q.shape[-1] // 2]
+        codes = torch.stack([c & 15, c >> 4], -1).flatten(-2).long()
+        g = torch.tensor(_E2M1, device=q.device)[codes] * _e8m0_ref(g[..., q.shape[-1] // 2:]).repeat_interleave(32, -1)
+    g = g.float()
     s = torch.einsum("thc,tnc->thn", q.float(), g).relu()  # [T,HI,N]
     score = (s * w[..., None]).sum(1)  # [T,N]
     if key_scale is not None:
@@ -591,8 +606,9 @@ def _attn(q, kv_pool, idx, n_idx, sink, scale, win, win_idx, num_splits):
     T, H, D = q.shape
     packed = kv_pool.dtype == torch.uint8  # mxfp4.pack_kv rows: D + R + D/64 bytes
     R = kv_pool.shape[1] - D - D // 64 if packed else 0
-    _check(not packed or (kv_pool.is_contiguous() and 0 < R < D and R % 64 == 0),
-           f"a packed kv_pool must be contiguous uint8 [N, D + R + D/64] with R a multiple of 64, got {tuple(kv_pool.shape)}")
+    _check(not packed or (kv_pool.is_contiguous() and 0 < R < D and R % 64 == 0 and q.dtype == torch.bfloat16),
+           f"a packed kv_pool must be contiguous uint8 [N, D + R + D/64] with R a multiple of 64, read with bf16 q; "
+           f"got {tuple(kv_pool.shape)} and q {q.dtype}")
     for name, pool, ids in (("kv_pool", kv_pool, idx), ("win", win, win_idx)):
         if pool is None and name == "win":
             _check(win_idx is None, "win_idx needs win")

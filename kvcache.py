@@ -17,16 +17,17 @@ from attention import LayerCache, kv_pool, new_compressor_state
 
 
 def plan(args, budget_bytes: int, policy: str, max_seqs: int, page: int = 256, elem: int = 2, pages=None,
-         kv_row: int | None = None):
+         kv_row: int | None = None, key_row: int | None = None):
     """Bytes of one page of each kind, and how many pages of each kind a memory budget buys. Each running
     sequence needs its compressor state (fp32) and, under recompute, at most 3 window pages (a chunk never
     crosses a page boundary and W <= page); the rest buys prefix pages, each costing csa + hca, plus
-    window + carry under store. `pages` fixes the prefix page count instead (small test pools). kv_row:
-    bytes of a main-KV row (default D x elem; 584 for packed FP8 rows, attention.kv_pool)."""
+    window + carry under store. `pages` fixes the prefix page count instead (small test pools). kv_row /
+    key_row: bytes of a main-KV row / an indexer key (default D x elem / c_I x elem; 584 / 68 when packed,
+    attention.kv_pool)."""
     ratios = args.compress_ratios[:args.n_layers]
     D, cI, L = args.head_dim, args.index_head_dim, len(ratios)
     n_csa, hca, row = ratios.count(4), [r for r in ratios if r > 4], kv_row or D * elem
-    page_bytes = {"window": L * page * row, "csa": n_csa * page // 4 * (row + cI * elem),
+    page_bytes = {"window": L * page * row, "csa": n_csa * page // 4 * (row + (key_row or cI * elem)),
                   "hca": sum(page // r for r in hca) * row, "carry": n_csa * 4 * (D + cI) * 2 * 4}
     state = max_seqs * 4 * 2 * (n_csa * 8 * 2 * (D + cI) + sum(hca) * D)
     kinds = [k for k in ("csa", "hca") if page_bytes[k]] + (["window", "carry"] if policy == "store" else [])
@@ -150,9 +151,9 @@ class Engine:
         self.epp = {"csa": page // 4, "hca": page // self.m_hca if self.m_hca else 0}  # entries per page
         D, cI = a.head_dim, a.index_head_dim
         dt = model.dtype
-        row = kv_pool(a, 1, dt, "meta")  # the main-KV row format this model stores (packed FP8 or plain)
+        row, key = (kv_pool(a, 1, dt, "meta", index=i) for i in (False, True))  # the row formats stored
         page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages,
-                                  row.shape[1] * row.element_size())
+                                  row.shape[1] * row.element_size(), key.shape[1] * key.element_size())
         self.pools = {k: Pool(k, c, page_bytes[k]) for k, c in counts.items() if page_bytes[k] and c}
         nw = counts["window"] * page
         self.kv, self.ikeys, self.state, self.istate, self.carry = {}, {}, {}, {}, {}
@@ -162,7 +163,7 @@ class Engine:
             if r:
                 self.state[l] = new_compressor_state(max_seqs, r, D, dev)
             if r == 4:
-                self.ikeys[l] = torch.zeros(nc, cI, dtype=dt, device=dev)
+                self.ikeys[l] = kv_pool(a, nc, dt, dev, index=True)
                 self.istate[l] = new_compressor_state(max_seqs, 4, cI, dev)
                 c = counts["carry"]
                 self.carry[l] = [torch.zeros(c, 4, w, device=dev) for w in (D, D, cI, cI)]  # kv, score, ikv, iscore

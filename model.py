@@ -189,6 +189,12 @@ def hc_weights(X: torch.Tensor, fn, norm_eps: float) -> torch.Tensor:
     return F.linear(x, fn) * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
 
 
+def hc_kernel_fits(X: torch.Tensor) -> bool:
+    """The mHC kernels take n a power of two and n*d a multiple of 128 (every V4 config); else torch runs."""
+    n, d = X.shape[-2:]
+    return n & (n - 1) == 0 and n * d % 128 == 0
+
+
 class Block(nn.Module):
     """hc_pre -> attn_norm -> attention -> hc_post, then the same around the MoE (spec §2)."""
 
@@ -207,7 +213,7 @@ class Block(nn.Module):
         """Collapse the n streams to one sublayer input; return it with the post and comb maps."""
         a, n = self.args, self.args.hc_mult
         fn, scale, base = (getattr(self, f"hc_{site}_{k}") for k in ("fn", "scale", "base"))
-        if kernels.use_kernels(X.device):  # split-K mixing GEMM, then Sinkhorn and the pre-mix in one kernel
+        if kernels.use_kernels(X.device) and hc_kernel_fits(X):  # split-K mixing GEMM, then Sinkhorn + pre-mix
             u, post, comb = kernels.hc_pre(X.flatten(0, 1).contiguous(), fn, scale, base, a.norm_eps, a.hc_eps,
                                            a.hc_sinkhorn_iters)
             return u.view(*X.shape[:2], -1), post.view(*X.shape[:3]), comb.view(*X.shape[:3], n)
@@ -222,7 +228,7 @@ class Block(nn.Module):
     @staticmethod
     def hc_post(f, X, post, comb):
         """New stream k = post_k f + sum_j comb[j,k] X_j: column k of comb mixes the old streams."""
-        if kernels.use_kernels(f.device):
+        if kernels.use_kernels(f.device) and hc_kernel_fits(X):
             return kernels.hc_post(f.flatten(0, 1).contiguous(), X.flatten(0, 1).contiguous(),
                                    post.flatten(0, 1).contiguous(), comb.flatten(0, 1).contiguous()).view(X.shape)
         y = post[..., None] * f[:, :, None].float() + torch.einsum("bsjk,bsjd->bskd", comb, X.float())
@@ -289,7 +295,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.flatten(0, 1)  # [B,S,dim] -> [N,dim]
         w, idx = self.gate(x, ids.flatten())
-        if self.experts[0].w1.fmt == "fp4" and kernels.use_kernels(x.device):
+        e0 = self.experts[0].w1
+        if e0.fmt == "fp4" and e0.in_features % 128 == 0 and e0.out_features % 128 == 0 and kernels.use_kernels(x.device):
             y = self.grouped(x, w, idx)
         else:  # reference dispatch: gather each expert's tokens and run it
             y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -332,8 +339,10 @@ class MoE(nn.Module):
         if big:
             h = kernels.act_quant(h, bf16_out=True)[0]
         out = kernels.moe_grouped_gemm(h, self.w2s, self.s2, tiles, out_dtype=x.dtype, prequant=big)  # [M_pad, dim]
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return y.index_add_(0, (r // k)[ok], out[ok].float())
+        # back to (token, slot) order, then a fixed-order sum over the k slots (no atomics: reproducible)
+        y = torch.zeros(x.shape[0] * k, x.shape[1], dtype=torch.float32, device=x.device)
+        y[r[ok]] = out[ok].float()
+        return y.view(x.shape[0], k, -1).sum(1)
 
 
 # ------------------------------------------------------------------------------------ Transformer

@@ -81,7 +81,8 @@ def fp4_roundtrip(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 
 def kv_row_bytes(D: int, R: int) -> int:
     """Bytes of one stored main-KV row: D-R e4m3 values, R bf16 RoPE values, then D/64 e8m0 scale bytes (one
-    per 64 e4m3 values; the last R/64 pad the row). 584 for V4's D = 512, R = 64 (FlashMLA's layout)."""
+    per 64 e4m3 values; the last R/64 pad the row). 584 for V4's D = 512, R = 64: FlashMLA's row size, with
+    the scales inside each row here rather than in a separate plane per page."""
     return (D - R) + 2 * R + D // 64
 
 
@@ -118,6 +119,18 @@ def mxfp4_dequantize(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(packed [N, K/2], scale [N, K/32]) -> fp32 [N, K]."""
     vals = e2m1_decode(unpack_fp4(packed))  # [N, K]
     return (vals.unflatten(-1, (-1, 32)) * e8m0_to_float(scale).unsqueeze(-1)).flatten(-2)
+
+
+def pack_mxfp4_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] rows -> uint8 [..., K/2 + K/32]: e2m1 codes (low nibble first), then an e8m0 scale per 32.
+    The indexer's keys are stored this way (68 bytes for K = 128); lossless for fp4_roundtrip(x, 32) rows."""
+    packed, scale = mxfp4_quantize(x)
+    return torch.cat([packed.view(torch.uint8), scale.view(torch.uint8)], -1)
+
+
+def unpack_mxfp4_rows(u: torch.Tensor, K: int, dtype) -> torch.Tensor:
+    """uint8 [..., K/2 + K/32] -> [..., K] in dtype (inverse of pack_mxfp4_rows)."""
+    return mxfp4_dequantize(u[..., :K // 2], u[..., K // 2:]).to(dtype)
 
 
 def fp8_block_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
