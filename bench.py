@@ -24,7 +24,7 @@ import triton.language as tl
 
 import kernels as K
 from attention import quant_kv
-from mxfp4 import kv_row_bytes, pack_kv
+from mxfp4 import kv_row_bytes, pack_kv, pack_mxfp4_rows
 from kvcache import Engine, plan
 from model import Transformer, flash, init_random_, sinkhorn, tiny
 
@@ -136,6 +136,12 @@ def indexer_rows(ctx, B, cl, out):
     out.append(("indexer score+top-k (fp8 keys)", tag, B, n, t_full, floor,
                 f"torch ref {t_ref:.0f}; eager bf16 score+topk {t_eager:.0f}", f"recall {recall:.4f}"))
     out.append(("  scoring only", tag, B, n, t_score, floor, "", f"rel {err:.1e}"))
+    # the keys the model stores: MXFP4 rows (68 B), bf16 queries, scaled inside tl.dot_scaled
+    s4 = [(s[0].to(torch.bfloat16), s[1], pack_mxfp4_rows(s[2].float()), None, s[4], s[5]) for s in sets]
+    ref4 = K.indexer_scores_ref(*s4[0])
+    err4 = (K.indexer_scores(*s4[0])[0][:, :n] - ref4).norm().item() / ref4.norm().item()
+    out.append(("  scoring only, MXFP4 keys", tag, B, n, graph_us([lambda s=s: K.indexer_scores(*s) for s in s4]),
+                max(B * n * 68 / cl["bw"], 2 * B * HI * CI * n / cl["bf16"]) * 1e6, "", f"rel {err4:.1e}"))
     t_row = graph_us([lambda: K.topk_row(logits, nk, TOPK)]) if n <= 32768 else float("nan")
     out.append((f"  top-k ({'register-resident row' if row else 'histogram chain'})", tag, B, n, t_sel,
                 B * n * 4 / cl["bw"] * 1e6, f"torch.topk {t_topk:.1f}; histogram chain {t_chain:.1f}; "
