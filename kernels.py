@@ -66,12 +66,30 @@ def _check(cond: bool, msg: str):
         raise ValueError(msg)
 
 
+# References decode the stored formats themselves: kernels.py may not import mxfp4 (imports flow kernels <-
+# mxfp4), and the tests check these decoders against mxfp4's own.
+_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def _e8m0_ref(s):
+    return torch.ldexp(torch.ones(s.shape, device=s.device), s.view(torch.uint8).int() - 127)
+
+
+def mxfp4_ref(codes, scale):
+    """Packed e2m1 bytes [..., K/2] (low nibble first) and e8m0 bytes [..., K/32] -> fp32 [..., K]."""
+    b = codes.view(torch.uint8)
+    vals = torch.tensor(_E2M1, device=b.device)[torch.stack([b & 15, b >> 4], -1).flatten(-2).long()]
+    return vals * _e8m0_ref(scale).repeat_interleave(32, -1)
+
+
 # ==================================================================================== 1. indexer top-k
 # score(t, j) = sum_h w[t,h] * relu(q[t,h] . key_j) * scale_j over the visible entries j < n_keys[t], then
 # the exact top-k. Keys are read once, at their stored precision: relu(s x) = s relu(x) for the positive
 # per-key scale, so the dot runs on raw e4m3 (WGMMA / tcgen05 FP8) and the scale is applied per column.
 #
-# Top-k is an exact select in four short launches over the fp32 logits (1 MB per 256K row, L2 resident):
+# Top-k is exact. Rows of up to TOPK_ROW_MAX entries: one register-resident program per row bisects for the
+# k-th key (_topk_row_kernel). Longer rows: four short launches over the fp32 logits (1 MB per 256K row, L2
+# resident):
 #   scoring  writes logits and each program's min/max (no atomics);
 #   hist     256 linear bins between the row's min and max (a fixed-bit radix digit of a float is too
 #            coarse: its bins are octaves; Triton's histogram also costs O(bins) per call, so few bins);
@@ -229,6 +247,21 @@ def _topk_select1_kernel(logit_ptr, mm_ptr, hist_ptr, nk_ptr, out_ptr, ctr_ptr, 
 
 
 @triton.jit
+def _kth_key(key, valid, need):
+    """The need-th largest of the valid int32 order keys: the largest thr with count(key >= thr) >= need, by
+    bisection between their min and max (int64 bounds: mid never overflows). (A radix select with 32-bin
+    histograms measured slower: Triton's histogram costs O(bins x warps) per call.)"""
+    lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
+    hi = tl.max(tl.where(valid, key, -2147483648), axis=0).to(tl.int64)
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((valid & (key >= mid)).to(tl.int32), axis=0) >= need
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
 def _topk_select2_kernel(hist_ptr, ctr_ptr, cidx_ptr, ckey_ptr, out_ptr, K,
                          stride_ht, stride_ot, stride_ct, KPAD: tl.constexpr, CAP: tl.constexpr):
     """One program per row: exact k-th key among the candidates, then emission and -1 padding."""
@@ -237,21 +270,14 @@ def _topk_select2_kernel(hist_ptr, ctr_ptr, cidx_ptr, ckey_ptr, out_ptr, K,
     n_c = tl.load(ctr_ptr + t * stride_ht + 1)
     need = tl.minimum(K, total) - above  # entries still to take from the threshold bin (<= n_c)
     offs = tl.arange(0, CAP)
-    # bisection on the key (int64 bounds, no overflow): largest thr with count(key >= thr) >= need. (A radix
-    # select with 32-bin histograms measured slower: Triton's histogram costs O(bins x warps) per call.)
-    lo = need.to(tl.int64) * 0 - 2147483648
-    hi = lo * 0 + 2147483647
+    thr = need * 0 - 2147483647 - 1  # the need-th largest candidate key (int32 min until found)
     if need > 0:
         if n_c <= CAP:  # the usual case: candidates stay in registers
             key = tl.load(ckey_ptr + t * stride_ct + offs, mask=offs < n_c, other=-2147483648)
-            lo = tl.min(tl.where(offs < n_c, key, 2147483647), axis=0).to(tl.int64)
-            hi = tl.max(key, axis=0).to(tl.int64)
-            while lo < hi:
-                mid = lo + (hi - lo + 1) // 2
-                ok = tl.sum((key >= mid).to(tl.int32), axis=0) >= need
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid - 1)
+            thr = _kth_key(key, offs < n_c, need)
         else:  # a crowded threshold bin: stream the candidates once per step (slow but exact)
+            lo = need.to(tl.int64) * 0 - 2147483648
+            hi = lo * 0 + 2147483647
             while lo < hi:
                 mid = lo + (hi - lo + 1) // 2
                 cnt = need * 0
@@ -260,7 +286,7 @@ def _topk_select2_kernel(hist_ptr, ctr_ptr, cidx_ptr, ckey_ptr, out_ptr, K,
                     cnt += tl.sum((key >= mid).to(tl.int32), axis=0)
                 lo = tl.where(cnt >= need, mid, lo)
                 hi = tl.where(cnt >= need, hi, mid - 1)
-    thr = lo.to(tl.int32)  # the need-th largest candidate key
+            thr = lo.to(tl.int32)
     n_gt = need * 0  # candidates strictly above thr: all taken
     for c0 in range(0, n_c, CAP):
         m = c0 + offs < n_c
@@ -295,14 +321,7 @@ def _topk_row_kernel(logit_ptr, nk_ptr, out_ptr, K, W, stride_lt, stride_ot, BLO
     key = tl.where(valid, _ordered_key(tl.load(logit_ptr + t * stride_lt + offs, mask=valid, other=0.0)),
                    -2147483648)
     need = tl.minimum(K, tl.sum(valid.to(tl.int32), axis=0))
-    lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)  # int64 bounds: mid never overflows
-    hi = tl.max(key, axis=0).to(tl.int64)
-    while lo < hi:  # largest thr with count(key >= thr) >= need
-        mid = lo + (hi - lo + 1) // 2
-        ok = tl.sum((valid & (key >= mid)).to(tl.int32), axis=0) >= need
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    thr = lo.to(tl.int32)
+    thr = _kth_key(key, valid, need)
     gt = valid & (key > thr)  # all taken
     n_gt = tl.sum(gt.to(tl.int32), axis=0)
     eq = valid & (key == thr)  # ties at the k-th key: the first need - n_gt of them
@@ -413,10 +432,8 @@ def indexer_topk(q, w, keys, key_scale, block_table, n_keys, k):
 def indexer_scores_ref(q, w, keys, key_scale, block_table, n_keys):
     """Torch reference logits [T, max_pages*E] fp32, -inf beyond n_keys[t]."""
     g = keys[block_table.clamp(min=0).long()].flatten(1, 2)  # [T, max_pages*E, cI] logical order
-    if keys.dtype == torch.uint8:  # MXFP4 rows: decode the codes and the per-32 scales here
-        c = g[..., :q.shape[-1] // 2]
-        codes = torch.stack([c & 15, c >> 4], -1).flatten(-2).long()
-        g = torch.tensor(_E2M1, device=q.device)[codes] * _e8m0_ref(g[..., q.shape[-1] // 2:]).repeat_interleave(32, -1)
+    if keys.dtype == torch.uint8:  # MXFP4 rows: the codes, then the per-32 scales
+        g = mxfp4_ref(g[..., :q.shape[-1] // 2], g[..., q.shape[-1] // 2:])
     g = g.float()
     s = torch.einsum("thc,tnc->thn", q.float(), g).relu()  # [T,HI,N]
     score = (s * w[..., None]).sum(1)  # [T,N]
@@ -676,7 +693,7 @@ def unpack_kv_ref(u, D: int):
     """Packed rows uint8 [..., D + R + D/64] -> fp32 [..., D] (mxfp4.unpack_kv, decoded here independently)."""
     R = u.shape[-1] - D - D // 64
     e4m3 = u[..., :D - R].contiguous().view(torch.float8_e4m3fn).float()
-    scale = torch.ldexp(torch.ones_like(e4m3), u[..., D + R:D + R + (D - R) // 64].int().repeat_interleave(64, -1) - 127)
+    scale = _e8m0_ref(u[..., D + R:D + R + (D - R) // 64]).repeat_interleave(64, -1)
     return torch.cat([e4m3 * scale, u[..., D - R:D + R].contiguous().view(torch.bfloat16).float()], -1)
 
 
@@ -707,8 +724,6 @@ def hca_attn_ref(q, kv_pool, rows, n_rows, sink, scale, win=None, win_idx=None):
 # Block-scaled GEMMs with the reference's numerics (mxfp4.Linear, spec §9.1): activations round-tripped
 # through e4m3 with one power-of-two scale per (row, 128 along K); weights exact (e2m1 x 2^(S-127) per 32
 # along K for routed experts, e4m3 x 2^(S-127) per 128x128 tile for dense projections); fp32 accumulation.
-# kernels.py may not import mxfp4 (imports flow kernels <- mxfp4), so the references below decode the
-# formats themselves; the tests also check them against mxfp4's own functions.
 #
 # Grouped layout (vLLM's moe_align_block_size, padded form): the (token, slot) pairs are sorted by expert
 # and each expert's segment is padded to a multiple of BLOCK_M, so every BLOCK_M tile of rows belongs to
@@ -862,26 +877,9 @@ def moe_grouped_gemm(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=
     return y
 
 
-_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
-
-
-def _e8m0_ref(s):
-    return torch.ldexp(torch.ones(s.shape, device=s.device), s.view(torch.uint8).int() - 127)
-
-
-def fp8_roundtrip_ref(x, block: int = 128):
-    """e4m3 round trip with a power-of-two scale per `block` along the last dim (mxfp4.fp8_roundtrip)."""
-    xb = x.float().unflatten(-1, (-1, block))
-    mant, ex = torch.frexp(xb.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX)
-    scale = torch.ldexp(torch.ones_like(mant), torch.where(mant == 0.5, ex - 1, ex))
-    return ((xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale).flatten(-2)
-
-
 def moe_grouped_gemm_ref(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=None, prequant=False,
                          meta=None):
-    b = w.view(torch.uint8)
-    codes = torch.stack([b & 15, b >> 4], -1).flatten(-2).long()  # [E, N, K]
-    wf = torch.tensor(_E2M1, device=w.device)[codes] * _e8m0_ref(w_scale).repeat_interleave(32, -1)
+    wf = mxfp4_ref(w, w_scale)  # [E, N, K]
     xq = fp8_roundtrip_ref(x).view(tile_expert.numel(), -1, x.shape[1])  # [tiles, BLOCK_M, K]
     y = torch.zeros(xq.shape[0], xq.shape[1], w.shape[1], device=x.device)
     for t, e in enumerate(tile_expert.tolist()):
@@ -926,6 +924,12 @@ def act_quant_ref(x):
     mant, ex = torch.frexp(xb.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX)
     scale = torch.ldexp(torch.ones_like(mant), torch.where(mant == 0.5, ex - 1, ex))
     return (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).flatten(-2), scale.squeeze(-1)
+
+
+def fp8_roundtrip_ref(x):
+    """e4m3 round trip with a power-of-two scale per 128 along the last dim (mxfp4.fp8_roundtrip)."""
+    q, scale = act_quant_ref(x)
+    return (q.float().unflatten(-1, (-1, 128)) * scale[..., None]).flatten(-2)
 
 
 @triton.jit
