@@ -13,6 +13,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 if "--dry" in sys.argv:  # CPU smoke run of this script through the Triton interpreter (tiny sizes)
     os.environ["TRITON_INTERPRET"] = "1"
@@ -24,9 +25,9 @@ import triton.language as tl
 
 import kernels as K
 from attention import quant_kv
-from mxfp4 import kv_row_bytes, pack_kv, pack_mxfp4_rows
+from mxfp4 import fp8_block_dequantize, kv_row_bytes, mxfp4_dequantize, pack_kv, pack_mxfp4_rows
 from kvcache import Engine, plan
-from model import Transformer, flash, init_random_, sinkhorn, tiny
+from model import Transformer, flash, hc_weights, init_random_, sinkhorn, tiny
 
 HI, CI, PAGE, TOPK = 64, 128, 64, 512  # indexer: 64 heads x 128, 64 entries per page, top-512
 H, D, WIN = 64, 512, 128  # attention: 64 heads, one K=V head of 512, window 128
@@ -40,9 +41,9 @@ def graph_us(calls, reps=15, min_calls=24):
     """Median µs per call over replays of one CUDA graph holding `calls` (cycled to >= min_calls)."""
     if DRY:
         return eager_us(calls[0])
-    calls = calls * math.ceil(min_calls / len(calls))
-    for c in calls[:len(calls)]:
+    for c in calls:
         c()  # compiles and autotunes outside the capture
+    calls = calls * math.ceil(min_calls / len(calls))
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -57,12 +58,7 @@ def graph_us(calls, reps=15, min_calls=24):
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e) * 1e3 / len(calls))
-    del g
     return statistics.median(times)
-
-
-def rel(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def eager_us(fn):
@@ -73,6 +69,28 @@ def eager_us(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
 
 
+def rel(a, b) -> float:
+    """Relative L2 error of a against b; the worst output's when both are tuples."""
+    if isinstance(a, tuple):
+        return max(map(rel, a, b))
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def n_sets(set_bytes, most=16) -> int:
+    """How many input sets to rotate through so that one graph replay touches L2_BYTES."""
+    return max(1, min(most, L2_BYTES // set_bytes))
+
+
+def checked(fn, sets, ref):
+    """fn against its torch reference on the first input set, then timed over all: (µs, "rel 1.2e-03")."""
+    err = rel(fn(*sets[0]), ref(*sets[0]))
+    return graph_us([lambda s=s: fn(*s) for s in sets]), f"rel {err:.1e}"
+
+
+def ctx_tag(ctx) -> str:
+    return f"{ctx // 1024}K" if ctx < 1 << 20 else f"{ctx >> 20}M"
+
+
 @triton.jit
 def _noop_kernel(x_ptr):
     tl.store(x_ptr, tl.load(x_ptr) + 1)
@@ -81,7 +99,7 @@ def _noop_kernel(x_ptr):
 def ceilings():
     """Copy bandwidth (bytes read + written), bf16 and fp8 GEMM rates, one-CTA launch in a graph."""
     if DRY:
-        return 4.27e12, 788e12, 1576e12, 0.0
+        return dict(bw=4.27e12, bf16=788e12, fp8=1576e12, launch=0.0)
     a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV).random_()
     b = torch.empty_like(a)
     bw = 2 * a.numel() / (eager_us(lambda: b.copy_(a)) * 1e-6)
@@ -95,57 +113,55 @@ def ceilings():
     except Exception:  # noqa: BLE001  (no fp8 GEMM in this torch build: assume twice bf16)
         fp8 = 2 * bf16
     z = torch.zeros(1, device=DEV)
-    launch = graph_us([lambda: _noop_kernel[(1,)](z)], min_calls=100)
-    return bw, bf16, fp8, launch
+    return dict(bw=bw, bf16=bf16, fp8=fp8, launch=graph_us([lambda: _noop_kernel[(1,)](z)], min_calls=100))
 
 
 # ----------------------------------------------------------------------------------------- indexer
+def index_inputs(B, n):
+    """Indexer inputs over n entries a sequence: e4m3 queries and keys (+ key scales) in scattered pages."""
+    pages = n // PAGE
+    keys = torch.randn(B * pages, PAGE, CI, device=DEV).to(torch.float8_e4m3fn)
+    ks = torch.rand(B * pages, PAGE, device=DEV) + 0.5
+    bt = torch.randperm(B * pages, device=DEV).view(B, pages).int()  # scattered physical pages
+    q = torch.randn(B, HI, CI, device=DEV).to(torch.float8_e4m3fn)
+    w = torch.randn(B, HI, device=DEV) * (CI * HI) ** -0.5
+    return q, w, keys, ks, bt, torch.full((B,), n, dtype=torch.int32, device=DEV)
+
+
 def indexer_rows(ctx, B, cl, out):
     n = ctx // 4  # CSA candidates: one entry per 4 tokens
-    pages = n // PAGE
     set_bytes = B * n * (CI + 4)
-    R = max(1, min(8, L2_BYTES // set_bytes))  # rotated pools
-    sets = []
-    for _ in range(R):
-        keys = torch.randn(B * pages, PAGE, CI, device=DEV).to(torch.float8_e4m3fn)
-        ks = torch.rand(B * pages, PAGE, device=DEV) + 0.5
-        bt = torch.randperm(B * pages, device=DEV).view(B, pages).int()  # scattered physical pages
-        q = torch.randn(B, HI, CI, device=DEV).to(torch.float8_e4m3fn)
-        w = torch.randn(B, HI, device=DEV) * (CI * HI) ** -0.5
-        sets.append((q, w, keys, ks, bt, torch.full((B,), n, dtype=torch.int32, device=DEV)))
+    sets = [index_inputs(B, n) for _ in range(n_sets(set_bytes, 8))]
     q, w, keys, ks, bt, nk = sets[0]
-    ref_score = K.indexer_scores_ref(q, w, keys, ks, bt, nk)
-    idx = K.indexer_topk(q, w, keys, ks, bt, nk, TOPK)
+    ref_score = K.indexer_scores_ref(*sets[0])
+    idx = K.indexer_topk(*sets[0], TOPK)
     ref_idx = ref_score.topk(min(TOPK, n)).indices
     recall = statistics.mean(len(set(idx[b].tolist()) & set(ref_idx[b].tolist())) / ref_idx.shape[1] for b in range(B))
-    logits, mm = K.indexer_scores(q, w, keys, ks, bt, nk)
-    err = (logits[:, :n] - ref_score).norm().item() / ref_score.norm().item()
+    logits, mm = K.indexer_scores(*sets[0])
     t_full = graph_us([lambda s=s: K.indexer_topk(*s, TOPK) for s in sets])
     t_score = graph_us([lambda s=s: K.indexer_scores(*s) for s in sets])
-    row = n <= K.TOPK_ROW_MAX  # the path indexer_topk takes
-    t_sel = graph_us([lambda: K.topk_row(logits, nk, TOPK) if row else K.topk_select(logits, mm, nk, TOPK)])
+    t_row = graph_us([lambda: K.topk_row(logits, nk, TOPK)]) if n <= 32768 else float("nan")  # its largest row
     t_chain = graph_us([lambda: K.topk_select(logits, mm, nk, TOPK)])
     lg = logits[:, :n].contiguous()
     t_topk = graph_us([lambda: lg.topk(TOPK, dim=-1)])
-    t_ref = eager_us(lambda: K.indexer_topk_ref(q, w, keys, ks, bt, nk, TOPK))
+    t_ref = eager_us(lambda: K.indexer_topk_ref(*sets[0], TOPK))
     kb = keys.view(B, n, CI).to(torch.bfloat16)  # what a user would write: contiguous bf16 keys, eager torch
     qb = q.to(torch.bfloat16)
     t_eager = eager_us(lambda: (torch.einsum("bhc,bnc->bhn", qb, kb).relu() * w[..., None]).sum(1).topk(TOPK, dim=-1))
     floor = max(set_bytes / cl["bw"], 2 * B * HI * CI * n / cl["fp8"]) * 1e6
-    tag = f"{ctx // 1024}K" if ctx < 1 << 20 else f"{ctx >> 20}M"
+    tag = ctx_tag(ctx)
     out.append(("indexer score+top-k (fp8 keys)", tag, B, n, t_full, floor,
                 f"torch ref {t_ref:.0f}; eager bf16 score+topk {t_eager:.0f}", f"recall {recall:.4f}"))
-    out.append(("  scoring only", tag, B, n, t_score, floor, "", f"rel {err:.1e}"))
+    out.append(("  scoring only", tag, B, n, t_score, floor, "", f"rel {rel(logits[:, :n], ref_score):.1e}"))
     # the keys the model stores: MXFP4 rows (68 B), bf16 queries, scaled inside tl.dot_scaled
     s4 = [(s[0].to(torch.bfloat16), s[1], pack_mxfp4_rows(s[2].float()), None, s[4], s[5]) for s in sets]
-    ref4 = K.indexer_scores_ref(*s4[0])
-    err4 = (K.indexer_scores(*s4[0])[0][:, :n] - ref4).norm().item() / ref4.norm().item()
-    out.append(("  scoring only, MXFP4 keys", tag, B, n, graph_us([lambda s=s: K.indexer_scores(*s) for s in s4]),
-                max(B * n * 68 / cl["bw"], 2 * B * HI * CI * n / cl["bf16"]) * 1e6, "", f"rel {err4:.1e}"))
-    t_row = graph_us([lambda: K.topk_row(logits, nk, TOPK)]) if n <= 32768 else float("nan")
-    out.append((f"  top-k ({'register-resident row' if row else 'histogram chain'})", tag, B, n, t_sel,
-                B * n * 4 / cl["bw"] * 1e6, f"torch.topk {t_topk:.1f}; histogram chain {t_chain:.1f}; "
-                f"register-resident row {t_row:.1f}", ""))
+    t4, chk4 = checked(lambda *s: K.indexer_scores(*s)[0][:, :n], s4, K.indexer_scores_ref)
+    out.append(("  scoring only, MXFP4 keys", tag, B, n, t4,
+                max(B * n * 68 / cl["bw"], 2 * B * HI * CI * n / cl["bf16"]) * 1e6, "", chk4))
+    row = n <= K.TOPK_ROW_MAX  # the path indexer_topk takes
+    out.append((f"  top-k ({'register-resident row' if row else 'histogram chain'})", tag, B, n,
+                t_row if row else t_chain, B * n * 4 / cl["bw"] * 1e6, f"torch.topk {t_topk:.1f}; histogram chain "
+                f"{t_chain:.1f}; register-resident row {t_row:.1f}", ""))
 
 
 # --------------------------------------------------------------------------------------- attention
@@ -154,9 +170,8 @@ def attn_rows(kind, ctx, B, cl, out):
     L = WIN + n_comp  # window rows then compressed rows, one list per query
     # rows a sequence owns in the pool; CSA reads 640 rows at any context, so its region is capped at 8K rows
     per_seq = WIN + (min(ctx // 4, 8192) if kind == "csa" else ctx // 128)
-    row = kv_row_bytes(D, 64)  # 584: V4's packed FP8 row
-    set_bytes = B * L * row
-    R = max(1, min(64, L2_BYTES // set_bytes))
+    set_bytes = B * L * kv_row_bytes(D, 64)  # 584 B a row: V4's packed FP8 row
+    R = n_sets(set_bytes, 64)
     plain = quant_kv(torch.randn(R * B * per_seq, D, device=DEV, dtype=torch.bfloat16), 64)
     pool = pack_kv(plain, 64)  # the layout an FP8 model's cache stores (attention.kv_pool)
     sink = torch.randn(H, device=DEV)
@@ -175,27 +190,25 @@ def attn_rows(kind, ctx, B, cl, out):
     else:
         fn = lambda q, rows, p=pool: K.hca_attn(q, p, rows, nr, sink, scale)  # noqa: E731
         ref = lambda q, rows: K.hca_attn_ref(q, pool, rows, nr, sink, scale)  # noqa: E731
-    q, rows = sets[0]
-    o, o_ref = fn(q, rows), ref(q, rows)
-    err = ((o.float() - o_ref.float()).norm() / o_ref.float().norm()).item()
-    t = graph_us([lambda s=s: fn(*s) for s in sets])
+    t, chk = checked(fn, sets, ref)
     t_plain = graph_us([lambda s=s: fn(*s, plain) for s in sets])  # the same rows read as bf16 (1 KB each)
+    q, rows = sets[0]
     t_ref = eager_us(lambda: ref(q, rows))
     kd = plain[rows.long()][:, None]  # [B,1,L,D] the same rows, dense and contiguous bf16
     q4 = q[:, :, None]  # [B,H,1,D]
+    sdpa = lambda k, v: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)  # noqa: E731
     try:
-        t_sdpa = eager_us(lambda: F.scaled_dot_product_attention(q4, kd, kd, scale=scale, enable_gqa=True))
-        t_gsdpa = eager_us(lambda: F.scaled_dot_product_attention(q4, plain[rows.long()][:, None],
-                                                                  plain[rows.long()][:, None], scale=scale, enable_gqa=True))
+        t_sdpa = eager_us(lambda: sdpa(kd, kd))
+        t_gsdpa = eager_us(lambda: sdpa(plain[rows.long()][:, None], plain[rows.long()][:, None]))
     except Exception as e:  # noqa: BLE001
         t_sdpa = t_gsdpa = float("nan")
         print("sdpa failed:", repr(e)[:200])
     flops = 4 * B * H * L * D
     floor = max(set_bytes / cl["bw"], flops / cl["bf16"]) * 1e6
-    tag = "any" if kind == "csa" else f"{ctx // 1024}K" if ctx < 1 << 20 else f"{ctx >> 20}M"
+    tag = "any" if kind == "csa" else ctx_tag(ctx)
     name = "CSA sparse attn (win+top512)" if kind == "csa" else "HCA attn (win+all, split)"
     out.append((name, tag, B, L, t, floor, f"bf16 rows {t_plain:.1f}; ref {t_ref:.0f}; SDPA dense {t_sdpa:.0f}; "
-                f"gather+SDPA {t_gsdpa:.0f}; {flops / t * 1e-6:.0f} TF/s", f"rel {err:.1e}"))
+                f"gather+SDPA {t_gsdpa:.0f}; {flops / t * 1e-6:.0f} TF/s", chk))
 
 
 # --------------------------------------------------------------------------- MoE and dense FP8 GEMMs
@@ -206,11 +219,6 @@ def experts(E, N, Kd):
     """Random MXFP4 experts in the stored format: uniform codes, block scales around 2^-8."""
     return (torch.randint(0, 256, (E, N, Kd // 2), dtype=torch.uint8, device=DEV),
             torch.randint(118, 122, (E, N, Kd // 32), dtype=torch.uint8, device=DEV))
-
-
-def dequant_bf16(w, s):
-    codes = torch.stack([w & 15, w >> 4], -1).flatten(-2).long()
-    return (torch.tensor(K._E2M1, device=w.device)[codes] * K._e8m0_ref(s).repeat_interleave(32, -1)).bfloat16()
 
 
 def ref_grouped(x, w, s, te):
@@ -227,17 +235,15 @@ def gemm_rows(cl, out):
     dim, inter, n_exp, T = (256, 128, 16, 64) if DRY else (DIM, INTER, N_EXP, 8192)
     for layer, (N, Kd) in {"L1 w1|w3": (2 * inter, dim), "L2 w2": (dim, inter)}.items():
         w, s = experts(48 if not DRY else 12, N, Kd)
+        wb = mxfp4_dequantize(w[:6], s[:6]).bfloat16()  # the cuBLAS baseline's 6 experts
         for t in (1, 16):
-            sets = []
-            for r in range(w.shape[0] // 6):
-                x = torch.zeros(96, Kd, dtype=torch.bfloat16, device=DEV)
-                x.view(6, 16, Kd)[:, :t] = torch.randn(6, t, Kd, device=DEV).bfloat16()
-                sets.append((x, torch.arange(6 * r, 6 * r + 6, dtype=torch.int32, device=DEV)))
+            # each expert's 16-row tile: t tokens, then zero rows; expert set r is experts 6r..6r+5
+            sets = [(F.pad(torch.randn(6, t, Kd, device=DEV), (0, 0, 0, 16 - t)).bfloat16().view(96, Kd),
+                     torch.arange(6 * r, 6 * r + 6, dtype=torch.int32, device=DEV)) for r in range(w.shape[0] // 6)]
             x, te = sets[0]
             err = rel(K.moe_grouped_gemm(x, w, s, te, torch.float32).view(6, 16, N)[:, :t],
                       ref_grouped(x, w, s, te).view(6, 16, N)[:, :t])
             tm = graph_us([lambda x=x, te=te: K.moe_grouped_gemm(x, w, s, te) for x, te in sets])
-            wb = dequant_bf16(w[:6], s[:6])
             t_cub = graph_us([lambda: [x.view(6, 16, Kd)[e, :t] @ wb[e].T for e in range(6)]])
             bytes_ = 6 * (N * Kd // 2 + N * Kd // 32 + t * (Kd + N) * 2)
             out.append((f"MoE decode {layer}, 6 experts x {t} tok", "-", t, 6 * t, tm, bytes_ / cl["bw"] * 1e6,
@@ -253,7 +259,7 @@ def gemm_rows(cl, out):
         ok = rows >= 0
         err = rel(prefill(torch.float32)[ok], ref_grouped(x, w, s, te)[ok])
         tm, flops = graph_us([prefill], min_calls=3), 2 * T * TOPK_E * N * Kd
-        wb = dequant_bf16(w[:1], s[:1])[0]
+        wb = mxfp4_dequantize(w[0], s[0]).bfloat16()
         xd = torch.randn(T * TOPK_E, Kd, device=DEV).bfloat16()
         t_dense = eager_us(lambda: xd @ wb.T)
         out.append((f"MoE prefill {layer}, {T} x top-6, BLOCK_M 128", "-", T, rows.numel(), tm, flops / cl["bf16"] * 1e6,
@@ -261,7 +267,7 @@ def gemm_rows(cl, out):
                     f"{rows.numel() / (T * TOPK_E):.2f}x padded rows", f"rel {err:.1e}"))
     ws = [K.act_quant_ref(torch.randn(dim, dim, device=DEV) * 0.05)[0] for _ in range(16 if not DRY else 1)]
     ss = [torch.randint(118, 122, (dim // 128, dim // 128), dtype=torch.uint8, device=DEV) for _ in ws]
-    wb = (ws[0].float() * K._e8m0_ref(ss[0]).repeat_interleave(128, 0).repeat_interleave(128, 1)).bfloat16()
+    wb = fp8_block_dequantize(ws[0], ss[0]).bfloat16()
     for M in (1, 32, 4096) if not DRY else (3,):
         x = torch.randn(M, dim, device=DEV).bfloat16()
         err = rel(K.fp8_gemm(x, ws[0], ss[0], torch.float32), K.fp8_gemm_ref(x, ws[0], ss[0], torch.float32))
@@ -280,21 +286,19 @@ def compressor_rows(cl, out):
     token per sequence) and a prefill chunk, CSA (m = 4, two overlapping 512-wide streams) and HCA (m = 128)."""
     for m, B, S in ((4, 1, 1), (4, 32, 1), (4, 1, 8192), (128, 1, 1), (128, 32, 1), (128, 1, 8192)):
         S, o, c = (S if not DRY else min(S, 300)), int(m == 4), D
-        nb, wd = (2 * m - 2 + S) // m + 1, (1 + int(m == 4)) * c
+        nb, wd = (2 * m - 2 + S) // m + 1, (1 + o) * c
         sets = []
-        for _ in range(max(1, min(16, L2_BYTES // (B * (S + 2 * m) * wd * 8)))):
+        for _ in range(n_sets(B * (S + 2 * m) * wd * 8)):
             ang = torch.rand(B, nb, 32, device=DEV)
             sets.append((torch.randn(B, S, wd, device=DEV), torch.randn(B, S, wd, device=DEV),
                          torch.randn(B, (1 + o) * m, wd, device=DEV), torch.randn(B, (1 + o) * m, wd, device=DEV),
                          torch.full((B,), m - 1, device=DEV), m, torch.rand(c, device=DEV) + 0.5, 1e-6,
                          ang.cos(), ang.sin(), torch.bfloat16))
-        err = rel(K.compress_pool(*sets[0]), K.compress_pool_ref(*sets[0]))
-        t = graph_us([lambda a=a: K.compress_pool(*a) for a in sets])
+        t, chk = checked(K.compress_pool, sets, K.compress_pool_ref)
         n_read = min(S + m - 1, nb * m) if S > 1 else (1 + o) * m  # rows of a/z or carry the entries pool
         bytes_ = B * (n_read * wd * 8 + ((S + m - 1) // m) * c * 2)
         out.append((f"compressor pool+norm+RoPE, m={m}, {S} new token{'s' * (S > 1)}", "-", B, B * nb, t,
-                    bytes_ / cl["bw"] * 1e6, f"torch ref {eager_us(lambda: K.compress_pool_ref(*sets[0])):.0f}",
-                    f"rel {err:.1e}"))
+                    bytes_ / cl["bw"] * 1e6, f"torch ref {eager_us(lambda: K.compress_pool_ref(*sets[0])):.0f}", chk))
 
 
 def mhc_rows(cl, out):
@@ -303,31 +307,26 @@ def mhc_rows(cl, out):
     for N in (1, 32, 8192) if not DRY else (1, 40):
         sets = [(torch.randn(N, n, d, device=DEV).bfloat16(), torch.randn(24, n * d, device=DEV) * (n * d) ** -0.5,
                  torch.rand(3, device=DEV) + 0.5, torch.randn(24, device=DEV) * 0.5, 1e-6, 1e-6, 20)
-                for _ in range(max(1, min(16, L2_BYTES // (N * n * d * 2 + 24 * n * d * 4))))]
-        X, fn, scale, base = sets[0][:4]
-        ref_pre = lambda: torch_hc_pre(X, fn, scale, base)  # noqa: E731
-        u, post, comb = K.hc_pre(*sets[0])
-        u_r, post_r, comb_r = ref_pre()
-        err = max(rel(u, u_r), rel(post, post_r), rel(comb, comb_r))
-        t = graph_us([lambda a=a: K.hc_pre(*a) for a in sets])
+                for _ in range(n_sets(N * n * d * 2 + 24 * n * d * 4))]
+        t, chk = checked(K.hc_pre, sets, torch_hc_pre)
         bytes_ = 24 * n * d * 4 + N * (n * d * 2 + d * 2 + 20 * 4)
         out.append(("mHC pre (mix GEMM + Sinkhorn + pre-mix)", "-", N, N, t, bytes_ / cl["bw"] * 1e6,
-                    f"torch path {eager_us(ref_pre):.0f}", f"rel {err:.1e}"))
+                    f"torch path {eager_us(lambda: torch_hc_pre(*sets[0])):.0f}", chk))
+        _, post, comb = K.hc_pre(*sets[0])  # hc_post's maps, as the layer hands them over
         f = torch.randn(N, d, device=DEV).bfloat16()
-        ref_post = lambda: (post[..., None] * f[:, None].float() + torch.einsum("tjk,tjd->tkd", comb, X.float())).bfloat16()  # noqa: E731
-        err = rel(K.hc_post(f, X, post, comb), ref_post())
-        t = graph_us([lambda a=a: K.hc_post(f, a[0], post, comb) for a in sets])
+        ref_post = lambda X: (post[..., None] * f[:, None].float() + torch.einsum("tjk,tjd->tkd", comb, X.float())).bfloat16()  # noqa: E731
+        t, chk = checked(lambda X: K.hc_post(f, X, post, comb), [s[:1] for s in sets], ref_post)
         out.append(("mHC post", "-", N, N, t, N * (2 * n * d * 2 + d * 2) / cl["bw"] * 1e6,
-                    f"torch path {eager_us(ref_post):.0f}", f"rel {err:.1e}"))
+                    f"torch path {eager_us(lambda: ref_post(sets[0][0])):.0f}", chk))
 
 
-def torch_hc_pre(X, fn, scale, base, n=4):
-    """model.Block.hc_pre's torch path on [N, n, d] (no Block needed)."""
-    x = X.flatten(1).float()
-    mu = (x @ fn.T) * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
-    pre = torch.sigmoid(mu[:, :n] * scale[0] + base[:n]) + 1e-6
+def torch_hc_pre(X, fn, scale, base, norm_eps, hc_eps, iters):
+    """model.Block.hc_pre's torch path on [N, n, d] (no Block needed), in kernels.hc_pre's signature."""
+    n = X.shape[1]
+    mu = hc_weights(X[None], fn, norm_eps)[0]  # [1,N,n,d] -> [N, 2n + n*n]
+    pre = torch.sigmoid(mu[:, :n] * scale[0] + base[:n]) + hc_eps
     post = 2 * torch.sigmoid(mu[:, n:2 * n] * scale[1] + base[n:2 * n])
-    comb = sinkhorn((mu[:, 2 * n:] * scale[2] + base[2 * n:]).view(-1, n, n), 20, 1e-6)
+    comb = sinkhorn((mu[:, 2 * n:] * scale[2] + base[2 * n:]).view(-1, n, n), iters, hc_eps)
     return (pre[..., None] * X.float()).sum(1).to(X.dtype), post, comb
 
 
@@ -347,11 +346,8 @@ def stack_row(ctx, cl, out):
     for ratio in flash().compress_ratios[:43 if not DRY else 3]:
         q = torch.randn(1, H, D, device=DEV, dtype=torch.bfloat16)
         if ratio == 4:
-            keys = torch.randn(n // PAGE, PAGE, CI, device=DEV).to(torch.float8_e4m3fn)
-            ks, bt = torch.rand(n // PAGE, PAGE, device=DEV) + 0.5, torch.randperm(n // PAGE, device=DEV)[None].int()
-            qi, w = torch.randn(1, HI, CI, device=DEV).to(torch.float8_e4m3fn), torch.randn(1, HI, device=DEV) * 0.01
-            nk, pool = torch.full((1,), n, dtype=torch.int32, device=DEV), packed_rows(n)
-            calls.append(lambda q=q, a=(qi, w, keys, ks, bt, nk), p=pool: K.sparse_attn_paged(
+            pool = packed_rows(n)
+            calls.append(lambda q=q, a=index_inputs(1, n), p=pool: K.sparse_attn_paged(
                 q, p, K.indexer_topk(*a, TOPK), sink, scale, win=win, win_idx=widx))
             bytes_ += n * (CI + 4) + WIN * D * 2 + TOPK * pool.shape[1]
         elif ratio == 128:
@@ -363,10 +359,9 @@ def stack_row(ctx, cl, out):
             empty = torch.empty(1, 0, dtype=torch.int32, device=DEV)
             calls.append(lambda q=q: K.sparse_attn_paged(q, win, empty, sink, scale, win=win, win_idx=widx))
             bytes_ += WIN * D * 2
-    t = graph_us([lambda: [c() for c in calls]], min_calls=1) if not DRY else eager_us(lambda: [c() for c in calls])
-    out.append(("attention side of one decode step, 43 layers", f"{ctx >> 20}M" if ctx >= 1 << 20 else f"{ctx >> 10}K",
-                1, len(calls), t, bytes_ / cl["bw"] * 1e6, f"{bytes_ / 2 ** 20:.0f} MiB read; per layer "
-                f"{t / len(calls):.1f} µs", "per-kernel rows above"))
+    t = graph_us([lambda: [c() for c in calls]], min_calls=1)
+    out.append(("attention side of one decode step, 43 layers", ctx_tag(ctx), 1, len(calls), t, bytes_ / cl["bw"] * 1e6,
+                f"{bytes_ / 2 ** 20:.0f} MiB read; per layer {t / len(calls):.1f} µs", "per-kernel rows above"))
 
 
 # ------------------------------------------------------------------------------------ cache workloads
@@ -409,14 +404,12 @@ def bench_cache(args):
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = init_random_(Transformer(tiny(max_seq_len=40960), torch.float32), 0).to(dev).eval()
-    rows = []
+    print("| trace | window policy | token hit rate | ceiling | recomputed tokens | decode tok/s |\n|---|---|---|---|---|---|")
     for kind in ("agent", "rl", "chat"):
         for policy in ("recompute", "store"):
             r, ceiling = run_trace(model, trace(kind, torch.Generator().manual_seed(1), 100000), policy)
-            rows.append(f"| {kind} | {policy} | {r['hit_rate']['overall']:.1%} | {ceiling:.1%} | "
-                        f"{r['recomputed_tokens']} | {r['decode_tok_s']:.0f} |")
-    print("| trace | window policy | token hit rate | ceiling | recomputed tokens | decode tok/s |\n|---|---|---|---|---|---|")
-    print("\n".join(rows))
+            print(f"| {kind} | {policy} | {r['hit_rate']['overall']:.1%} | {ceiling:.1%} | "
+                  f"{r['recomputed_tokens']} | {r['decode_tok_s']:.0f} |", flush=True)
     g, n = torch.Generator().manual_seed(2), args.prefix
     prompt = torch.randint(0, 100000, (n,), generator=g).tolist()
     print(f"\n| {n}-token prefix | TTFT cold | TTFT hit | hit / cold | recomputed |\n|---|---|---|---|---|")
@@ -429,8 +422,7 @@ def bench_cache(args):
     print("\n| V4-Flash, bf16 entries, 80 GiB | window | csa | hca | carry | cached tokens |\n|---|---|---|---|---|---|")
     for policy in ("store", "recompute"):
         pb, counts = plan(flash(), 80 << 30, policy, 64, 256, 2)
-        per = {k: pb[k] / 256 for k in pb}
-        print(f"| {policy} | " + " | ".join(f"{per[k]:.0f} B/token" if counts[k] and k != "window" or policy == "store"
+        print(f"| {policy} | " + " | ".join(f"{pb[k] / 256:.0f} B/token" if counts[k] and k != "window" or policy == "store"
                                            else "-" for k in ("window", "csa", "hca", "carry")) + f" | {counts['csa'] * 256:,} |")
 
 
@@ -446,16 +438,16 @@ def main():
         return bench_cache(a)
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
-    ctxs = [4096] if a.dry else [4096, 1 << 20] if a.quick else [4096, 65536, 262144, 1 << 20]
-    bw, bf16, fp8, launch = ceilings()
-    cl = dict(bw=bw, bf16=bf16, fp8=fp8)
+    ctxs = [4096] if DRY else [4096, 1 << 20] if a.quick else [4096, 65536, 262144, 1 << 20]
+    batches = (1, 2) if DRY else (1, 32)
+    cl = ceilings()
     head = (f"{torch.cuda.get_device_name() if not DRY else 'CPU dry run'} | torch {torch.__version__} | triton {triton.__version__} | "
-            f"{datetime.date.today()} | copy {bw / 1e12:.2f} TB/s, bf16 {bf16 / 1e12:.0f} TF/s, fp8 {fp8 / 1e12:.0f} TF/s, "
-            f"graph launch {launch:.2f} µs")
+            f"{datetime.date.today()} | copy {cl['bw'] / 1e12:.2f} TB/s, bf16 {cl['bf16'] / 1e12:.0f} TF/s, "
+            f"fp8 {cl['fp8'] / 1e12:.0f} TF/s, graph launch {cl['launch']:.2f} µs")
     print(head, flush=True)
-    jobs = {"indexer": [(indexer_rows, ctx, B) for B in (1, 32) for ctx in ctxs],
-            "csa": [(lambda c, B, cl, out: attn_rows("csa", c, B, cl, out), ctxs[-1], B) for B in (1, 32)],
-            "hca": [(lambda c, B, cl, out: attn_rows("hca", c, B, cl, out), ctx, B) for B in (1, 32) for ctx in ctxs],
+    jobs = {"indexer": [(indexer_rows, ctx, B) for B in batches for ctx in ctxs],
+            "csa": [(partial(attn_rows, "csa"), ctxs[-1], B) for B in batches],
+            "hca": [(partial(attn_rows, "hca"), ctx, B) for B in batches for ctx in ctxs],
             "gemm": [(lambda c, B, cl, out: gemm_rows(cl, out), 0, 0)],
             "mhc": [(lambda c, B, cl, out: mhc_rows(cl, out), 0, 0)],
             "compressor": [(lambda c, B, cl, out: compressor_rows(cl, out), 0, 0)],
@@ -463,8 +455,6 @@ def main():
     out = []
     for what in a.only.split(","):
         for fn, ctx, B in jobs[what]:
-            if DRY and B == 32:
-                B = 2
             n0 = len(out)
             try:
                 fn(ctx, B, cl, out)

@@ -216,9 +216,10 @@ def main(argv=None) -> int:
         texts = read_prompts(a.prompt_file)
     except FileNotFoundError:
         return fail(f"prompt file {a.prompt_file} does not exist")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return fail(str(e) if isinstance(e, ValueError) and not isinstance(e, UnicodeDecodeError)
-                    else f"cannot read prompt file {a.prompt_file} as UTF-8 text ({e})")
+    except (OSError, UnicodeDecodeError) as e:
+        return fail(f"cannot read prompt file {a.prompt_file} as UTF-8 text ({e})")
+    except ValueError as e:  # a .jsonl line that holds no prompt
+        return fail(str(e))
     if not texts or not all(t.strip() for t in texts):
         return fail(f"prompt file {a.prompt_file} is empty" if len(texts) < 2 else f"{a.prompt_file} has an empty prompt")
     try:
@@ -253,11 +254,15 @@ def main(argv=None) -> int:
         return fail(f"the conversation does not fit the context of {ctx} tokens")
 
     # print as bytes arrive: a character split across tokens waits in the decoder until it is whole
-    utf8, stream = codecs.getincrementaldecoder("utf-8")(errors="replace"), a.num_samples == 1 and (
-        len(ids) == 1 or a.multi_turn)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stream = a.num_samples == 1 and (len(ids) == 1 or a.multi_turn)  # one output at a time
 
     def show(i, tok, final=False):
-        sys.stdout.write(utf8.decode(token_bytes(enc, tok) if tok is not None else b"", final=final))
+        try:
+            b = enc.decode_single_token_bytes(tok) if tok is not None else b""
+        except KeyError:  # an id the tokenizer lacks (vocab padding an untrained model may pick)
+            b = "\ufffd".encode()
+        sys.stdout.write(utf8.decode(b, final=final))
         sys.stdout.flush()
 
     t0 = time.perf_counter()
@@ -267,9 +272,8 @@ def main(argv=None) -> int:
             for k, turn in enumerate(ids):
                 convo += turn
                 print(f"--- turn {k + 1} ---", flush=True)
-                out = generate(engine, [convo], n_new, a.temperature, a.top_p, a.seed + k, eos_id,
-                               show if stream else None)[0]
-                convo += out
+                convo += generate(engine, [convo], n_new, a.temperature, a.top_p, a.seed + k, eos_id,
+                                  show if stream else None)[0]
                 show(0, None, final=True), print()
         else:  # batched prompts; --num-samples continuations of each (the RL-rollout shape)
             reqs = [p for p in ids for _ in range(a.num_samples)]
@@ -288,13 +292,6 @@ def main(argv=None) -> int:
           file=sys.stderr)
     print(Engine.format_report(r), file=sys.stderr)
     return 0
-
-
-def token_bytes(enc, tok: int) -> bytes:
-    try:
-        return enc.decode_single_token_bytes(tok)
-    except KeyError:  # an id the tokenizer lacks (vocab padding an untrained model may pick)
-        return "\ufffd".encode()
 
 
 if __name__ == "__main__":
