@@ -8,7 +8,7 @@ A window, csa or hca page id addresses the same rows in every layer of its kind 
 import hashlib
 import math
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +105,6 @@ class Seq:
     published: int = 0  # logical pages published so far
     replay_start: int = 0  # a recompute hit replays [replay_start, replay_end) to rebuild the window
     replay_end: int = 0
-    first_token: float | None = None
     hit_tokens: int = 0
     admissions: int = 0  # more than one after a preemption
     page_hashes: list = field(default_factory=list)  # chained hashes of the full pages, computed once
@@ -147,27 +146,27 @@ class Engine:
         self.model, self.args, self.policy, self.page, self.max_seqs = model, a, policy, page, max_seqs
         self.token_budget, self.sampler, self.dev, self.ratios = token_budget, sampler, dev, ratios
         self.keep_logits = keep_logits
-        self.m_hca = hca[0] if hca else 0
-        self.epp = {"csa": page // 4, "hca": page // self.m_hca if self.m_hca else 0}  # entries per page
         D, cI = a.head_dim, a.index_head_dim
         dt = model.dtype
         row, key = (kv_pool(a, 1, dt, "meta", index=i) for i in (False, True))  # the row formats stored
         page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages,
                                   row.shape[1] * row.element_size(), key.shape[1] * key.element_size())
         self.pools = {k: Pool(k, c, page_bytes[k]) for k, c in counts.items() if page_bytes[k] and c}
+        self.ratio = {k: m for k, m in (("csa", 4), ("hca", hca[0] if hca else 0)) if k in self.pools}
+        # the kinds whose pages are published for reuse (a window page only under store), in pool order
+        self.prefix_kinds = (["window"] if policy == "store" else []) + list(self.ratio)
         nw = counts["window"] * page
-        self.kv, self.ikeys, self.state, self.istate, self.carry = {}, {}, {}, {}, {}
+        self.kv, self.ikeys, self.state, self.carry = {}, {}, {}, {}
         for l, r in enumerate(ratios):  # one row pool per layer: window pages, then compressed pages
-            nc = counts["csa"] * self.epp["csa"] if r == 4 else counts["hca"] * self.epp["hca"] if r else 0
+            nc = counts["csa" if r == 4 else "hca"] * page // r if r else 0
             self.kv[l] = kv_pool(a, nw + nc, dt, dev)
-            if r:
+            if r:  # (kv, score) of the compressor, then of the indexer's compressor in a CSA layer
                 self.state[l] = new_compressor_state(max_seqs, r, D, dev)
             if r == 4:
                 self.ikeys[l] = kv_pool(a, nc, dt, dev, index=True)
-                self.istate[l] = new_compressor_state(max_seqs, 4, cI, dev)
+                self.state[l] += new_compressor_state(max_seqs, 4, cI, dev)
                 c = counts["carry"]
                 self.carry[l] = [torch.zeros(c, 4, w, device=dev) for w in (D, D, cI, cI)]  # kv, score, ikv, iscore
-        self.bytes_per_token = {k: p.page_bytes / page for k, p in self.pools.items()}
         self.waiting, self.running, self.finished = deque(), [], []
         self.free_slots, self.page_tokens, self.metrics, self.next_rid = list(range(max_seqs)), {}, Metrics(), 0
         log(f"kv cache: policy {policy}, page {page} tokens, pages " + ", ".join(f"{k} {p.n} ({p.page_bytes / page:.0f} "
@@ -181,30 +180,33 @@ class Engine:
             raise ValueError(f"request of {len(prompt)} prompt + {max_new} new tokens does not fit the context "
                              f"of {self.args.max_seq_len} tokens")
         need = -(-total // self.page)
-        for k, p in self.pools.items():
-            want = 3 if (k == "window" and self.policy == "recompute") else need
-            if k != "carry" and want > p.n:
-                raise ValueError(f"request of {total} tokens needs {want} {k} pages but the pool holds {p.n}; "
-                                 "raise the memory budget")
+        for k in self.prefix_kinds:  # a recompute window needs 3 pages, and its pool holds 3 per sequence
+            if need > self.pools[k].n:
+                raise ValueError(f"request of {total} tokens needs {need} {k} pages but the pool holds "
+                                 f"{self.pools[k].n}; raise the memory budget")
         s = Seq(self.next_rid, list(prompt), len(prompt), max_new, params, time.perf_counter())
         self.next_rid += 1
         self.waiting.append(s)
         self.metrics.prompt_tokens += len(prompt)
         return s.rid
 
+    def page_ids(self, s: Seq, i: int) -> tuple:
+        return tuple(s.tokens[i * self.page:(i + 1) * self.page])
+
     def hashes(self, s: Seq, n_pages: int) -> list:
         """Chained page hashes: page i's covers page i-1's hash and its own token ids (kept on the sequence,
         since a full page's tokens never change)."""
         hs = s.page_hashes
         while len(hs) < n_pages:
-            i = len(hs)
-            toks = torch.tensor(s.tokens[i * self.page:(i + 1) * self.page], dtype=torch.int64).numpy().tobytes()
+            toks = torch.tensor(self.page_ids(s, len(hs)), dtype=torch.int64).numpy().tobytes()
             hs.append(hashlib.blake2b((hs[-1] if hs else b"") + toks, digest_size=16).digest())
         return hs[:n_pages]
 
-    def lookup(self, kind: str, h: bytes, toks) -> int | None:
+    def lookup(self, kind: str, s: Seq, i: int) -> int | None:
+        """The cached `kind` page holding s's page i (whose hash is computed), if any."""
+        h = s.page_hashes[i]
         p = self.pools[kind].index.get(h)
-        return p if p is not None and self.page_tokens.get(h) == tuple(toks) else None  # verify the ids
+        return p if p is not None and self.page_tokens.get(h) == self.page_ids(s, i) else None  # verify the ids
 
     def admit(self, s: Seq) -> bool:
         """Resolve s's prefix hit and give it a state slot; False if it must wait."""
@@ -212,37 +214,34 @@ class Engine:
             return False
         k_max = (len(s.tokens) - 1) // self.page  # leave at least one token to compute
         hs, hit = self.hashes(s, k_max), []
-        for i, h in enumerate(hs):
-            toks = s.tokens[i * self.page:(i + 1) * self.page]
-            got = {k: self.lookup(k, h, toks) for k in ("csa", "hca") if k in self.pools}
+        for i in range(k_max):
+            got = {k: self.lookup(k, s, i) for k in self.ratio}
             if None in got.values():
                 break
             hit.append(got)
         if self.policy == "store":  # the hit point also needs its window page and compressor carry
             while hit:
-                i, toks = len(hit) - 1, s.tokens[(len(hit) - 1) * self.page:len(hit) * self.page]
-                w, c = self.lookup("window", hs[i], toks), self.lookup("carry", hs[i], toks) if "carry" in self.pools else -1
-                if w is not None and c is not None:
-                    hit[-1] = {**hit[-1], "window": w, "carry": c}
+                got = {k: self.lookup(k, s, len(hit) - 1) for k in ("window", "carry") if k in self.pools}
+                if None not in got.values():
+                    hit[-1].update(got)
                     break
                 hit.pop()
-        if len(hit) < k_max and hs[len(hit)] in self.in_flight():
+        if len(hit) < k_max and any(hs[len(hit)] in self.hashes(r, (r.n_prompt - 1) // self.page)[r.published:]
+                                    for r in self.running):
             return False  # another request is computing our next page right now: wait and share it
         s.slot = self.free_slots.pop()
-        s.pages = {k: [] for k in self.pools}
-        for i, got in enumerate(hit):
-            for k in s.pages:
-                if k in got and got[k] >= 0:
-                    self.pools[k].take(got[k])
-                s.pages[k].append(got.get(k, -1))
+        s.pages = {k: [got.get(k, -1) for got in hit] for k in self.pools}
+        for k, pages in s.pages.items():
+            for p in pages:
+                if p >= 0:
+                    self.pools[k].take(p)
         P = len(hit) * self.page
         s.admissions += 1
-        first = s.admissions == 1  # a preempted request's own pages are not counted as hits
+        if s.admissions == 1:  # a preempted request's own pages are not counted as hits
+            for k in ("overall", *self.prefix_kinds):
+                self.metrics.hit_tokens[k] += P
         s.hit_tokens, s.published = P, len(hit)
-        self.reset_state(s, hit[-1].get("carry") if hit and self.policy == "store" else None)
-        m = self.metrics
-        for k in ("overall", "csa", "hca") + (("window",) if self.policy == "store" else ()):
-            m.hit_tokens[k] += P if first and (k in self.pools or k == "overall") else 0
+        self.reset_state(s, hit[-1].get("carry") if hit else None)
         if self.policy == "store":
             s.pos = P
         else:
@@ -253,35 +252,28 @@ class Engine:
             R = len(self.ratios) * (self.args.window_size - 1)
             s.pos = s.replay_start = max(0, (P - R) // self.page * self.page)
             s.replay_end = P
-            m.recomputed_tokens += P - s.pos
+            self.metrics.recomputed_tokens += P - s.pos
         return True
 
-    def in_flight(self) -> set:
-        out = set()
-        for r in self.running:
-            k = (r.n_prompt - 1) // self.page
-            if r.published < k:
-                out.update(self.hashes(r, k)[r.published:])
-        return out
-
     def reset_state(self, s: Seq, carry: int | None):
-        for kv, sc in [*self.state.values(), *self.istate.values()]:
-            kv[s.slot], sc[s.slot] = 0.0, -math.inf
+        for ts in self.state.values():
+            for t, empty in zip(ts, (0.0, -math.inf) * 2):  # (kv, score) pairs
+                t[s.slot] = empty
         if carry is not None:  # resume compression exactly: the block before the hit point
-            D, cI = self.args.head_dim, self.args.index_head_dim
-            for l, (ckv, csc, cikv, cisc) in self.carry.items():
-                self.state[l][0][s.slot, :4, :D], self.state[l][1][s.slot, :4, :D] = ckv[carry], csc[carry]
-                self.istate[l][0][s.slot, :4, :cI], self.istate[l][1][s.slot, :4, :cI] = cikv[carry], cisc[carry]
+            for l, cs in self.carry.items():
+                for c, t in zip(cs, self.state[l]):
+                    t[s.slot, :4, :c.shape[-1]] = c[carry]
 
     # ------------------------------------------------------------------------------ pages
     def ensure(self, s: Seq, end: int) -> bool:
-        """Hold every page positions [s.pos, end) write to; False when a pool is exhausted."""
-        need = {"window": range(s.pos // self.page, -(-end // self.page))}
-        need.update({k: range(-(-(end // m) // self.epp[k])) for k, m in (("csa", 4), ("hca", self.m_hca)) if k in self.pools})
-        for k, idx in need.items():
+        """Hold every page positions [s.pos, end) write to; False when a pool is exhausted. Compressed pages
+        below s.pos's page are held already: they came with the prefix hit or were written before."""
+        stop = {"window": -(-end // self.page)}
+        stop.update({k: -(-(end // m) // (self.page // m)) for k, m in self.ratio.items()})  # finished entries
+        for k, n in stop.items():
             pages = s.pages[k]
-            pages += [-1] * (idx.stop - len(pages))
-            for i in idx:
+            pages += [-1] * (n - len(pages))
+            for i in range(s.pos // self.page, n):
                 if pages[i] < 0:
                     p = self.pools[k].alloc()
                     if p is None:
@@ -291,9 +283,9 @@ class Engine:
 
     def release(self, s: Seq):
         for k, pages in s.pages.items():  # tail first, so a prefix's deeper pages are evicted first
-            for i in reversed(range(len(pages))):
-                if pages[i] >= 0:
-                    self.pools[k].release(pages[i])
+            for p in reversed(pages):
+                if p >= 0:
+                    self.pools[k].release(p)
         s.pages = {}
         self.free_slots.append(s.slot)
         s.slot = -1
@@ -304,75 +296,70 @@ class Engine:
         if s.published < full:
             hs = self.hashes(s, full)
             for i in range(s.published, full):
-                toks = tuple(s.tokens[i * self.page:(i + 1) * self.page])
-                self.page_tokens.setdefault(hs[i], toks)
-                for k in ("csa", "hca") + (("window",) if self.policy == "store" else ()):
-                    if k in self.pools and s.pages[k][i] >= 0:
+                self.page_tokens.setdefault(hs[i], self.page_ids(s, i))
+                for k in self.prefix_kinds:
+                    if s.pages[k][i] >= 0:
                         self.pools[k].publish(s.pages[k][i], hs[i])
-            if self.policy == "store" and s.pos == full * self.page and "carry" in self.pools:
-                p = self.pools["carry"].alloc()  # the state right now is the carry at this boundary
+            if "carry" in self.pools:  # store: chunks end at page boundaries, so s.pos is the boundary
+                p = self.pools["carry"].alloc()  # and the state right now is the carry there
                 if p is not None:
-                    D, cI = self.args.head_dim, self.args.index_head_dim
-                    for l, (ckv, csc, cikv, cisc) in self.carry.items():
-                        ckv[p], csc[p] = self.state[l][0][s.slot, :4, :D], self.state[l][1][s.slot, :4, :D]
-                        cikv[p], cisc[p] = self.istate[l][0][s.slot, :4, :cI], self.istate[l][1][s.slot, :4, :cI]
+                    for l, cs in self.carry.items():
+                        for c, t in zip(cs, self.state[l]):
+                            c[p] = t[s.slot, :4, :c.shape[-1]]
                     self.pools["carry"].publish(p, hs[full - 1])
                     self.pools["carry"].release(p)  # cached from birth: nobody runs on a carry page
             s.published = full
-        if self.policy == "recompute":
+        if self.policy == "recompute":  # drop window pages that slid out: the held ones run up to the newest,
+            # so walk down from the last page that slid out until one is dropped already
             keep = (s.pos - self.args.window_size + 1) // self.page  # pages below hold no window position
-            for i in range(keep):
-                if s.pages["window"][i] >= 0:
-                    self.pools["window"].release(s.pages["window"][i])
-                    s.pages["window"][i] = -1
+            win, i = s.pages["window"], keep - 1
+            while i >= 0 and win[i] >= 0:
+                self.pools["window"].release(win[i])
+                win[i], i = -1, i - 1
 
     # ------------------------------------------------------------------------------ forward
-    def views(self, seqs: list) -> list:
+    def views(self, seqs: list, slots: torch.Tensor) -> list:
         """Per-layer LayerCache views of the pools for this batch: block tables, gathered state rows."""
-        def table(kind):
-            w = max(1, max(len(s.pages[kind]) for s in seqs))
-            return torch.tensor([s.pages[kind] + [-1] * (w - len(s.pages[kind])) for s in seqs], device=self.dev)
-        slots = torch.tensor([s.slot for s in seqs], device=self.dev)
-        win, nw, s0 = table("window"), self.pools["window"].n * self.page, seqs[0]
+        tables = {}
+        for k in ("window", *self.ratio):  # one block table per kind, shared by that kind's layers
+            w = max(1, max(len(s.pages[k]) for s in seqs))
+            tables[k] = torch.tensor([s.pages[k] + [-1] * (w - len(s.pages[k])) for s in seqs], device=self.dev)
+        nw, s0 = self.pools["window"].n * self.page, seqs[0]
         replay = len(seqs) == 1 and s0.pos < s0.replay_end
+        keep_from = torch.tensor([s0.replay_start], device=self.dev) if replay else None
         out = []
         for l, r in enumerate(self.ratios):
-            c = LayerCache(self.kv[l], win, self.page, max_pos=self.args.max_seq_len)
+            c = LayerCache(self.kv[l], tables["window"], self.page, max_pos=self.args.max_seq_len)
             if r:
-                kind = "csa" if r == 4 else "hca"
-                c.comp_table, c.comp_page, c.comp_base = table(kind), self.epp[kind], nw
-                c.comp_state = tuple(t[slots] for t in self.state[l])
+                c.comp_table, c.comp_page, c.comp_base = tables["csa" if r == 4 else "hca"], self.page // r, nw
+                c.comp_state = tuple(t[slots] for t in self.state[l][:2])
             if r == 4:
-                c.index_keys, c.index_state = self.ikeys[l], tuple(t[slots] for t in self.istate[l])
+                c.index_keys, c.index_state = self.ikeys[l], tuple(t[slots] for t in self.state[l][2:])
             if replay:  # positions before the replay start are absent; stored entries are not rewritten
-                c.keep_from = torch.tensor([s0.replay_start], device=self.dev)
+                c.keep_from = keep_from
                 c.emit_from = torch.tensor([s0.replay_end // r if r else 0], device=self.dev)
             out.append(c)
         return out
 
     def forward(self, seqs: list, ids: torch.Tensor, start) -> torch.Tensor:
-        views = self.views(seqs)
-        logits = self.model(ids, start, views)
         slots = torch.tensor([s.slot for s in seqs], device=self.dev)
+        views = self.views(seqs, slots)
+        logits = self.model(ids, start, views)
         for l, c in enumerate(views):  # write the gathered compressor state back
-            for mine, view in ((self.state, c.comp_state), (self.istate, c.index_state)):
-                if view is not None:
-                    for t, v in zip(mine[l], view):
-                        t[slots] = v
+            for t, v in zip(self.state.get(l, ()), (*(c.comp_state or ()), *(c.index_state or ()))):
+                t[slots] = v
         return logits
 
     def emit(self, s: Seq, logits_row: torch.Tensor):
         tok = self.sampler(logits_row, s.params) if self.sampler else int(logits_row.argmax())
         if self.keep_logits:
             s.logits.append(logits_row.float().cpu())
-        if s.first_token is None:
-            s.first_token = time.perf_counter()
-            self.metrics.ttft.append((s.first_token - s.arrived, s.hit_tokens))
-        s.tokens.append(tok)
-        eos = s.params.get("eos_id")
-        if len(s.out) >= s.max_new or (eos is not None and tok == eos):
-            if eos is not None and tok == eos:
-                s.tokens.pop()
+        if not s.out:  # the first token (a preempted request keeps the ones it has)
+            self.metrics.ttft.append((time.perf_counter() - s.arrived, s.hit_tokens))
+        eos = tok == s.params.get("eos_id")
+        if not eos:  # the EOS id is reported but not kept
+            s.tokens.append(tok)
+        if eos or len(s.out) >= s.max_new:
             self.running.remove(s)  # leave now, so a preemption later in this step cannot pick it
             self.release(s)
             self.finished.append(s)
@@ -387,8 +374,7 @@ class Engine:
                 raise RuntimeError("a single sequence does not fit the pools")
             v = victims[-1]
             self.running.remove(v)
-            self.release(v)
-            v.pos = v.published = v.replay_start = v.replay_end = 0
+            self.release(v)  # admit() sets its position, published pages and replay range again
             self.waiting.appendleft(v)
             self.metrics.preemptions += 1
         return s in self.running
@@ -400,7 +386,9 @@ class Engine:
         while self.waiting and len(self.running) < self.max_seqs and self.admit(self.waiting[0]):
             self.running.append(self.waiting.popleft())
         dec = [s for s in self.running if s.pos == len(s.tokens) - 1]
-        dec = [s for s in [s for s in dec if self.hold(s, s.pos + 1)] if s in self.running]  # holds may preempt
+        for s in dec:
+            self.hold(s, s.pos + 1)
+        dec = [s for s in dec if s in self.running]  # a later hold may preempt an earlier one
         if dec:
             t0 = time.perf_counter()
             ids = torch.tensor([[s.tokens[-1]] for s in dec], device=self.dev)
@@ -432,15 +420,11 @@ class Engine:
 
     def check(self):
         """Invariants: per pool free + cached + in use = total, no negative refs; every reference is a
-        running sequence's hold (carry pages are never held, only cached); state slots add up."""
+        running sequence's hold (a carry page only by the sequence admitted on it); state slots add up."""
         for k, p in self.pools.items():
             p.check()
-            holds = [0] * p.n
-            for s in self.running:
-                for q in s.pages.get(k, []):
-                    if q >= 0:
-                        holds[q] += 1
-            assert holds == p.ref, f"{k}: page references do not match the block tables"
+            holds = Counter(q for s in self.running for q in s.pages.get(k, []) if q >= 0)
+            assert [holds[q] for q in range(p.n)] == p.ref, f"{k}: page references do not match the block tables"
         assert len(self.free_slots) + len(self.running) == self.max_seqs
 
     def report(self) -> dict:
@@ -455,7 +439,7 @@ class Engine:
                 "preemptions": m.preemptions, "ttft_cold_s": med([t for t, h in m.ttft if h == 0]),
                 "ttft_hit_s": med([t for t, h in m.ttft if h > 0]),
                 "decode_tok_s": m.decode_tokens / m.decode_s if m.decode_s else 0.0,
-                "bytes_per_token": self.bytes_per_token}
+                "bytes_per_token": {k: p.page_bytes / self.page for k, p in self.pools.items()}}
 
     @staticmethod
     def format_report(r: dict) -> str:
