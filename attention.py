@@ -65,8 +65,10 @@ _HADAMARD: dict = {}
 
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
-    """x @ H / sqrt(n) with the Sylvester Walsh-Hadamard matrix (no random signs), as the indexer does
-    before its FP4 round trip: it spreads outliers across the block so 4-bit rounding hurts less."""
+    """x @ H / sqrt(n) with the Sylvester Walsh-Hadamard matrix (no random signs), as the indexer of an FP8
+    model does before its FP4 round trip: it spreads outliers across the block so 4-bit rounding hurts
+    less. H is orthogonal, so without the round trip it would leave every q . k unchanged: a bf16 model
+    skips it (as transformers does), and then index_head_dim need not be a power of two."""
     n = x.shape[-1]
     key = (n, x.device, x.dtype)
     if key not in _HADAMARD:
@@ -97,6 +99,10 @@ def kv_load(pool: torch.Tensor, rows: torch.Tensor, D: int, R: int, dtype) -> to
     if pool.dtype != torch.uint8:
         return pool[rows].to(dtype)
     return unpack_kv(pool[rows], D, R, dtype) if R else unpack_mxfp4_rows(pool[rows], D, dtype)
+
+
+def pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 # --------------------------------------------------------------------------------------------- caches
@@ -231,8 +237,7 @@ class Compressor(nn.Module):
         tail = n[:, None] * m + torch.arange(m, device=x.device)[None]  # [B,m]
         kv_state[:, cur:cur + m], score_state[:, cur:cur + m] = buf_a[bi, tail], buf_z[bi, tail]
         if self.for_indexer:
-            e = hadamard_rotate(e)
-            e = fp4_roundtrip(e, 32) if self.quant else e
+            e = fp4_roundtrip(hadamard_rotate(e), 32) if self.quant else e
         elif self.quant:
             e = quant_kv(e, self.rope_dim)
         return e, ids, valid
@@ -256,11 +261,12 @@ class Indexer(nn.Module):
         -1 where a query has fewer than K visible entries. Keys are read from the cache's pages."""
         B, S, _ = x.shape
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,HI,c_I]
-        q = hadamard_rotate(apply_rope(q, cos[:, :, None], sin[:, :, None]))
-        q = fp4_roundtrip(q, 32) if self.quant else q
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        q = fp4_roundtrip(hadamard_rotate(q), 32) if self.quant else q
         w = self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,S,HI]
         E, T = cache.comp_page, int(limit.max())
-        if kernels.use_kernels(x.device) and q.dtype == torch.bfloat16 and E % 64 == 0:
+        if kernels.use_kernels(x.device) and q.dtype == torch.bfloat16 and E % 64 == 0 and pow2(self.n_heads) \
+                and pow2(self.head_dim):
             r = E // 64  # the kernel reads pages of 64 keys: split each page into r of them
             table = (cache.comp_table[:, :, None] * r + torch.arange(r, device=x.device)).flatten(1)  # [B,pages*r]
             return kernels.indexer_topk(  # scores the pages in place, exact top-k over the visible entries
@@ -272,7 +278,9 @@ class Indexer(nn.Module):
         # q [B,S,HI,c_I] x keys [B,T,c_I] -> [B,S,HI,T], ReLU, weighted sum over heads -> [B,S,T]
         score = (torch.einsum("bshd,btd->bsht", q, keys).relu() * w[..., None]).sum(2)
         future = torch.arange(T, device=x.device) >= limit[..., None]  # [B,S,T]
-        idx = score.masked_fill(future, -math.inf).topk(min(self.topk, T), dim=-1).indices
+        # exact-zero ReLU scores tie often; a stable sort makes the earlier entry win every tie, as the
+        # kernels do, so a selection does not depend on how many tokens the call covers
+        idx = score.masked_fill(future, -math.inf).sort(dim=-1, descending=True, stable=True).indices[..., :self.topk]
         return torch.where(idx >= limit[..., None], -1, idx)  # masked picks only fill rows that run short
 
 
@@ -284,8 +292,7 @@ def sparse_attn(q, win, win_idx, kv, kv_idx, sink, scale: float) -> torch.Tensor
     M = max over real keys (spec §3.5). On CUDA it runs as one Triton kernel (kernels.sparse_attn_paged)."""
     B, S, H, D = q.shape
     b = torch.arange(B, device=q.device)[:, None, None]
-    if kernels.use_kernels(q.device) and q.dtype == torch.bfloat16 and H >= 16 and H & (H - 1) == 0 \
-            and D & (D - 1) == 0:
+    if kernels.use_kernels(q.device) and q.dtype == torch.bfloat16 and H >= 16 and pow2(H) and pow2(D):
         w_rows = torch.where(win_idx >= 0, win_idx + b * win.shape[1], -1)  # rows of win flattened to [B*P,D]
         return kernels.sparse_attn_paged(q.reshape(B * S, H, D), kv, kv_idx.reshape(B * S, -1).int(), sink, scale,
                                          win=win.reshape(-1, D), win_idx=w_rows.reshape(B * S, -1).int()).view(B, S, H, D)
@@ -295,7 +302,7 @@ def sparse_attn(q, win, win_idx, kv, kv_idx, sink, scale: float) -> torch.Tensor
     valid = torch.cat([win_idx, kv_idx], -1) >= 0  # [B,S,K]
     s = torch.einsum("bshd,bskd->bshk", q.float(), ent) * scale  # [B,S,H,K]
     s = s.masked_fill(~valid[:, :, None, :], -math.inf)
-    mx = s.amax(-1, keepdim=True)
+    mx = s.amax(-1, keepdim=True).clamp(min=-1e30)  # a query with no visible key gets 0 / exp(z_h) = 0, not NaN
     p = torch.exp(s - mx)
     denom = p.sum(-1, keepdim=True) + torch.exp(sink.float()[:, None] - mx)
     return (torch.einsum("bshk,bskd->bshd", p, ent) / denom).to(q.dtype)  # [B,S,H,D]

@@ -6,6 +6,8 @@ top-p sampling, the prefill + decode loop over the preallocated cache, and the C
 import argparse
 import codecs
 import json
+import math
+import os
 import re
 import sys
 import time
@@ -59,6 +61,13 @@ def tokenizer_from_hf(path) -> tiktoken.Encoding:
         tj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read the tokenizer ({e})") from None
+    try:
+        return _encoding(tj, path)
+    except (AttributeError, KeyError, TypeError, IndexError) as e:  # a JSON of another shape
+        raise ValueError(f"{path}: not a byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from None
+
+
+def _encoding(tj: dict, path: Path) -> tiktoken.Encoding:
     bpe = tj.get("model") or {}
     if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or bpe.get("continuing_subword_prefix") \
             or bpe.get("end_of_word_suffix"):
@@ -111,6 +120,8 @@ def load_tokenizer(ckpt_dir=None) -> tuple[tiktoken.Encoding, int | None]:
     eos = json.loads(cfg.read_text()).get("eos_token_id") if cfg.is_file() else None
     if isinstance(eos, list):  # HF allows several stop ids; the first is the end of sentence
         eos = eos[0] if eos else None
+    if eos is not None and type(eos) is not int:
+        raise ValueError(f"{cfg}: eos_token_id must be a token id, got {json.dumps(eos)}")
     if eos is None:  # "<|endoftext|>", "</s>", "<｜end▁of▁sentence｜>" ...
         names = {re.sub(r"[^a-z]", "", t.lower()): enc.encode_single_token(t) for t in enc.special_tokens_set}
         eos = next((names[n] for n in ("endofsentence", "endoftext", "eos", "s") if n in names), None)
@@ -144,45 +155,114 @@ def engine_for(model, policy="recompute", kv_gb=None, max_seqs=16, token_budget=
 
 
 @torch.inference_mode()
-def generate(engine: Engine, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, eos_id: int | None = None, on_token=None) -> list:
-    """Run the prompts (lists of ids) as concurrent requests; returns each one's new ids, without EOS.
-    on_token(request index, id) sees every id as it is produced."""
+def generate(engine: Engine, prompts: list, max_new_tokens, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, eos_id: int | None = None, on_token=None, on_done=None) -> list:
+    """Run the prompts (lists of ids) as concurrent requests, max_new_tokens each (an int, or one per prompt).
+    Returns each one's new ids without EOS, or the ValueError that refused it (a prompt the context or the
+    cache can never hold, an id outside the vocab): one bad request does not stop the others.
+    on_token(i, id) sees every id as it is produced, on_done(i, ids) every request as it finishes."""
     dev, V = engine.dev, engine.args.vocab_size
-    rid = {}
+    n_new = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    rid, results = {}, [None] * len(prompts)
     for i, p in enumerate(prompts):
-        bad = [t for t in p if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the model's vocab_size {V}; the tokenizer does "
-                             "not match the model")
-        g = torch.Generator(device=dev).manual_seed(seed + i)
-        rid[engine.add(p, max_new_tokens, temperature=temperature, top_p=top_p, generator=g, eos_id=eos_id)] = i
+        try:
+            bad = [t for t in p if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the model's vocab_size {V}; the tokenizer "
+                                 "does not match the model")
+            g = torch.Generator(device=dev).manual_seed(seed + i)
+            rid[engine.add(p, n_new[i], temperature=temperature, top_p=top_p, generator=g, eos_id=eos_id)] = i
+        except ValueError as e:
+            results[i] = e
+    done = 0
     while engine.waiting or engine.running:
-        for r, tok in engine.step():
-            if on_token and r in rid and (eos_id is None or tok != eos_id):
+        try:
+            events = engine.step()
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}; the weights or the numerics are broken") from None
+        for r, tok in events:
+            if on_token and r in rid and tok != eos_id:
                 on_token(rid[r], tok)
-    return [s.out for s in sorted(engine.finished, key=lambda s: s.rid) if s.rid in rid]
+        for s in engine.finished[done:]:  # in the order they finished
+            if s.rid in rid:
+                results[rid[s.rid]] = s.out
+                if on_done:
+                    on_done(rid[s.rid], s.out)
+        done = len(engine.finished)
+    return results
 
 
 def read_prompts(path: str) -> list:
-    """The prompt file: plain text (one prompt) or .jsonl (one prompt per line: a string or {"prompt": ...})."""
-    text = Path(path).read_text(encoding="utf-8")
+    """The prompt file -> [(where, text)]: plain text is one prompt, .jsonl one prompt per line (a JSON string
+    or an object with a string "prompt"). `where` names the file and line for errors."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"prompt file {path} does not exist")
+    if not p.is_file():  # a directory, or a FIFO that would block the read
+        raise ValueError(f"prompt file {path} is not a regular file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompt file {path} as UTF-8 text ({e})") from None
     if not path.endswith(".jsonl"):
-        return [text]
+        if not text.strip():
+            raise ValueError(f"prompt file {path} is empty")
+        return [(path, text)]
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 v = json.loads(line)
-                out.append(v if isinstance(v, str) else v["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path} line {n}: expected a JSON string or an object with a \"prompt\" key") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e})") from None
+            v = v.get("prompt") if isinstance(v, dict) else v
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"{path} line {n}: expected a non-empty JSON string or an object with a string "
+                                 "\"prompt\"")
+            out.append((f"{path} line {n}", v))
+    if not out:
+        raise ValueError(f"prompt file {path} is empty")
     return out
 
 
+def free_memory(device) -> int:
+    """Bytes the cache could still take: free GPU memory, or the host's available memory."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 # ------------------------------------------------------------------------------------------------- CLI
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # one "error:" line, like every other bad input
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_flags(a) -> str | None:
+    """The first flag out of range, as a message (None when all are fine)."""
+    def finite(x):
+        return x is None or math.isfinite(x)
+    checks = [(finite(a.temperature) and (a.temperature == 0 or a.temperature >= 1e-6),
+               f"--temperature must be 0 (greedy) or a finite value of at least 1e-6, got {a.temperature}"),
+              (finite(a.top_p) and 0 < a.top_p <= 1, f"--top-p must be in (0, 1], got {a.top_p}"),
+              (a.max_new_tokens >= 0, f"--max-new-tokens must not be negative, got {a.max_new_tokens}"),
+              (a.num_samples >= 1, f"--num-samples must be at least 1, got {a.num_samples}"),
+              (0 <= a.seed < 2**63, f"--seed must be in [0, 2^63), got {a.seed}"),
+              (a.max_seq_len is None or a.max_seq_len >= 2, f"--max-seq-len must be at least 2, got {a.max_seq_len}"),
+              (a.max_seqs >= 1, f"--max-seqs must be at least 1, got {a.max_seqs}"),
+              (a.token_budget >= 1, f"--token-budget must be at least 1, got {a.token_budget}"),
+              (a.kv_gb is None or finite(a.kv_gb) and a.kv_gb > 0, f"--kv-gb must be a positive number, got {a.kv_gb}"),
+              (a.device == "cpu" or torch.cuda.is_available(), "--device cuda was asked for but torch sees no CUDA device")]
+    return next((msg for ok, msg in checks if not ok), None)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Generate text with a DeepSeek-V4 checkpoint or the untrained tiny model.")
+    ap = ArgParser(description="Generate text with a DeepSeek-V4 checkpoint or the untrained tiny model.")
     ap.add_argument("--prompt-file", required=True, help="UTF-8 text (one prompt) or .jsonl (one prompt per line)")
     ap.add_argument("--ckpt", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -200,64 +280,47 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seqs", type=int, default=16, help="sequences decoding at once")
     ap.add_argument("--token-budget", type=int, default=1024, help="prefill tokens per step")
     a = ap.parse_args(argv)
-
-    def fail(msg: str) -> int:
-        print(f"error: {msg}", file=sys.stderr)
+    try:
+        bad = check_flags(a)
+        if bad:
+            raise ValueError(bad)
+        return run(a)
+    except (OSError, ValueError, FloatingPointError) as e:  # every bad input ends here as one sentence
+        print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # what finished is already printed
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
-    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.max_new_tokens < 0 or a.num_samples < 1:
-        return fail(f"need --temperature >= 0, 0 < --top-p <= 1, --max-new-tokens >= 0 and --num-samples >= 1, "
-                    f"got {a.temperature}, {a.top_p}, {a.max_new_tokens} and {a.num_samples}")
-    if a.max_seq_len is not None and a.max_seq_len < 2:
-        return fail(f"--max-seq-len must be at least 2, got {a.max_seq_len}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        return fail("--device cuda was asked for but torch sees no CUDA device")
-    try:
-        texts = read_prompts(a.prompt_file)
-    except FileNotFoundError:
-        return fail(f"prompt file {a.prompt_file} does not exist")
-    except (OSError, UnicodeDecodeError) as e:
-        return fail(f"cannot read prompt file {a.prompt_file} as UTF-8 text ({e})")
-    except ValueError as e:  # a .jsonl line that holds no prompt
-        return fail(str(e))
-    if not texts or not all(t.strip() for t in texts):
-        return fail(f"prompt file {a.prompt_file} is empty" if len(texts) < 2 else f"{a.prompt_file} has an empty prompt")
-    try:
-        if a.ckpt:
-            model = load_model(a.ckpt, device=a.device, max_seq_len=a.max_seq_len)
-        else:
-            # fp32 on CPU: bf16 matmuls there are slower (2 cores: 41 vs 32 decode tok/s, 1100 vs 900
-            # prefill tok/s). The weights seed is fixed so every run talks to the same model.
-            dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
-            args = tiny()
-            args.max_seq_len = a.max_seq_len or args.max_seq_len
-            model = init_random_(Transformer(args, dtype), seed=0).to(a.device).eval()
-            print("note: no --ckpt, so this is the untrained tiny model with random weights; the text is noise "
-                  "until trained weights exist", file=sys.stderr)
-        enc, eos_id = load_tokenizer(a.ckpt)
-        engine = engine_for(model, a.window_policy, a.kv_gb, a.max_seqs, a.token_budget,
-                            log=lambda m: print(m, file=sys.stderr))
-    except (OSError, ValueError) as e:  # load_model's, the tokenizer's and the cache budget's one-sentence errors
-        return fail(str(e))
+
+def run(a) -> int:
+    """The CLI after its flags are checked: load, build the engine, generate, report. 1 if a request was refused."""
+    prompts = read_prompts(a.prompt_file)
+    if a.ckpt:
+        model = load_model(a.ckpt, device=a.device, max_seq_len=a.max_seq_len)
+    else:
+        # fp32 on CPU: bf16 matmuls there are slower (2 cores: 41 vs 32 decode tok/s, 1100 vs 900
+        # prefill tok/s). The weights seed is fixed so every run talks to the same model.
+        dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
+        args = tiny()
+        args.max_seq_len = a.max_seq_len or args.max_seq_len
+        model = init_random_(Transformer(args, dtype), seed=0).to(a.device).eval()
+        print("note: no --ckpt, so this is the untrained tiny model with random weights; the text is noise "
+              "until trained weights exist", file=sys.stderr)
+    enc, eos_id = load_tokenizer(a.ckpt)
+    if a.kv_gb is not None and a.kv_gb * 2**30 > free_memory(a.device):
+        raise ValueError(f"--kv-gb {a.kv_gb} is more than the {free_memory(a.device) / 2**30:.1f} GB of free "
+                         f"{a.device} memory")
+    engine = engine_for(model, a.window_policy, a.kv_gb, a.max_seqs, a.token_budget,
+                        log=lambda m: print(m, file=sys.stderr))
     ctx = model.args.max_seq_len
     # added tokens in the prompt (chat-template markers) encode as themselves, as HF tokenizers do
-    ids = [enc.encode(t, allowed_special="all") for t in texts]
-    longest = max(map(len, ids)) if not a.multi_turn else sum(map(len, ids))
-    if longest > ctx - 1:
-        return fail(f"prompt is {longest} tokens but the context holds {ctx}, leaving room for at most "
-                    f"{ctx - 1} prompt tokens")
-    n_new = min(a.max_new_tokens, ctx - longest - (len(ids) - 1) * a.max_new_tokens * a.multi_turn)
-    if n_new < a.max_new_tokens:
-        print(f"note: --max-new-tokens clipped from {a.max_new_tokens} to {max(n_new, 0)} to fit the context "
-              f"of {ctx}", file=sys.stderr)
-    if n_new < 0:
-        return fail(f"the conversation does not fit the context of {ctx} tokens")
+    ids = [enc.encode(t, allowed_special="all") for _, t in prompts]
 
     # print as bytes arrive: a character split across tokens waits in the decoder until it is whole
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stream = a.num_samples == 1 and (len(ids) == 1 or a.multi_turn)  # one output at a time
 
-    def show(i, tok, final=False):
+    def show(tok=None, final=False):
         try:
             b = enc.decode_single_token_bytes(tok) if tok is not None else b""
         except KeyError:  # an id the tokenizer lacks (vocab padding an untrained model may pick)
@@ -265,33 +328,52 @@ def main(argv=None) -> int:
         sys.stdout.write(utf8.decode(b, final=final))
         sys.stdout.flush()
 
-    t0 = time.perf_counter()
-    try:
-        if a.multi_turn:  # the coding-agent shape: turn k's prompt is the whole conversation so far
-            convo = []
-            for k, turn in enumerate(ids):
-                convo += turn
-                print(f"--- turn {k + 1} ---", flush=True)
-                convo += generate(engine, [convo], n_new, a.temperature, a.top_p, a.seed + k, eos_id,
-                                  show if stream else None)[0]
-                show(0, None, final=True), print()
-        else:  # batched prompts; --num-samples continuations of each (the RL-rollout shape)
-            reqs = [p for p in ids for _ in range(a.num_samples)]
-            outs = generate(engine, reqs, n_new, a.temperature, a.top_p, a.seed, eos_id, show if stream else None)
-            for i, out in enumerate(outs):
-                if not stream:
-                    print(f"--- prompt {i // a.num_samples + 1}, sample {i % a.num_samples + 1} ---")
-                    [show(i, t) for t in out]
-                show(i, None, final=True), print()
-    except ValueError as e:  # a prompt id outside the model's vocab, or a request the cache cannot hold
-        return fail(str(e))
+    def refuse(where, err):
+        print(f"error: {where}: {err}", file=sys.stderr)
+
+    def budget(n_prompt):  # new tokens after a prompt of n_prompt; at least 1, so a full context is refused
+        return min(a.max_new_tokens, max(ctx - n_prompt, 1))
+
+    t0, refused = time.perf_counter(), 0
+    if a.multi_turn:  # the coding-agent shape: turn k's prompt is the whole conversation so far
+        convo = []
+        for k, ((where, _), turn) in enumerate(zip(prompts, ids)):
+            convo += turn
+            print(f"--- turn {k + 1} ---", flush=True)
+            out = generate(engine, [convo], budget(len(convo)), a.temperature, a.top_p, a.seed + k, eos_id,
+                           on_token=lambda i, t: show(t))[0]
+            if isinstance(out, ValueError):
+                refuse(where, out)
+                return 1
+            convo += out
+            show(final=True), print()
+    else:  # batched prompts; --num-samples continuations of each (the RL-rollout shape)
+        reqs = [j for j in range(len(ids)) for _ in range(a.num_samples)]
+        stream = len(reqs) == 1
+
+        def done(i, out):  # a batch prints each request as it finishes, so Ctrl-C keeps those
+            if not stream:
+                print(f"--- prompt {reqs[i] + 1}, sample {i % a.num_samples + 1} ---")
+                for t in out:
+                    show(t)
+            show(final=True), print()
+        results = generate(engine, [ids[j] for j in reqs], [budget(len(ids[j])) for j in reqs], a.temperature,
+                           a.top_p, a.seed, eos_id, on_token=(lambda i, t: show(t)) if stream else None, on_done=done)
+        for i, r in enumerate(results):
+            if isinstance(r, ValueError) and i % a.num_samples == 0:  # one line per prompt, not per sample
+                refuse(prompts[reqs[i]][0], r)
+                refused += 1
+    clipped = sum(a.max_new_tokens > ctx - len(t) > 0 for t in ids)
+    if clipped:
+        print(f"note: --max-new-tokens {a.max_new_tokens} was clipped to fit the context of {ctx} for {clipped} "
+              "prompt(s)", file=sys.stderr)
     r, m = engine.report(), engine.metrics
     prefill_s = time.perf_counter() - t0 - m.decode_s
     print(f"prompt {m.prompt_tokens} tokens, prefill {m.computed_tokens / max(prefill_s, 1e-9):.1f} tokens/s; "
           f"generated {sum(len(s.out) for s in engine.finished)} tokens, decode {r['decode_tok_s']:.1f} tokens/s",
           file=sys.stderr)
     print(Engine.format_report(r), file=sys.stderr)
-    return 0
+    return 1 if refused else 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def plan(args, budget_bytes: int, policy: str, max_seqs: int, page: int = 256, e
     attention.kv_pool)."""
     ratios = args.compress_ratios[:args.n_layers]
     D, cI, L = args.head_dim, args.index_head_dim, len(ratios)
-    n_csa, hca, row = ratios.count(4), [r for r in ratios if r > 4], kv_row or D * elem
+    n_csa, hca, row = ratios.count(4), [r for r in ratios if r not in (0, 4)], kv_row or D * elem
     page_bytes = {"window": L * page * row, "csa": n_csa * page // 4 * (row + (key_row or cI * elem)),
                   "hca": sum(page // r for r in hca) * row, "carry": n_csa * 4 * (D + cI) * 2 * 4}
     state = max_seqs * 4 * 2 * (n_csa * 8 * 2 * (D + cI) + sum(hca) * D)
@@ -44,11 +44,12 @@ def plan(args, budget_bytes: int, policy: str, max_seqs: int, page: int = 256, e
 class Pool:
     """The pages of one kind. A page is in use (ref > 0), cached (ref 0 but holding a published prefix
     page, LRU order) or free (ref 0, nothing reusable). alloc() takes free pages first, so pages without
-    reusable content (window pages that slid out, unfinished tails) go before anyone's cached prefix."""
+    reusable content (window pages that slid out, unfinished tails) go before anyone's cached prefix.
+    A published page keeps its hash and token ids (a hit is verified against them) until it is evicted."""
 
     def __init__(self, kind: str, n: int, page_bytes: int):
         self.kind, self.n, self.page_bytes = kind, n, page_bytes
-        self.ref, self.key = [0] * n, [None] * n
+        self.ref, self.key, self.ids = [0] * n, [None] * n, [None] * n
         self.free, self.cached, self.index = deque(range(n)), OrderedDict(), {}  # index: hash -> page
         self.evictions = 0
 
@@ -58,7 +59,7 @@ class Pool:
         elif self.cached:  # evict the least recently released cached page
             p, _ = self.cached.popitem(last=False)
             del self.index[self.key[p]]
-            self.key[p], self.evictions = None, self.evictions + 1
+            self.key[p], self.ids[p], self.evictions = None, None, self.evictions + 1
         else:
             return None
         self.ref[p] = 1
@@ -79,10 +80,11 @@ class Pool:
             else:
                 self.cached[p] = None
 
-    def publish(self, p: int, h: bytes):
-        """Page p now holds the prefix page with hash h (a first copy wins; a duplicate stays unpublished)."""
+    def publish(self, p: int, h: bytes, ids: tuple):
+        """Page p now holds the prefix page with hash h and token ids `ids` (a first copy wins; a duplicate
+        stays unpublished)."""
         if h not in self.index and self.key[p] is None:
-            self.key[p], self.index[h] = h, p
+            self.key[p], self.ids[p], self.index[h] = h, ids, p
 
     def check(self):
         used = sum(r > 0 for r in self.ref)
@@ -133,16 +135,22 @@ class Engine:
     preempts the newest running one (its pages go back; it resumes later, usually from its own prefix)."""
 
     def __init__(self, model, budget_bytes: int, policy: str = "recompute", max_seqs: int = 16,
-                 token_budget: int = 1024, page: int = 256, sampler=None, log=print, keep_logits=False, pages=None):
+                 token_budget: int = 1024, page: int | None = None, sampler=None, log=print, keep_logits=False,
+                 pages=None):
         a, dev = model.args, model.embed.weight.device
         ratios = a.compress_ratios[:a.n_layers]  # the MTP block is not run by the engine
-        hca = sorted({r for r in ratios if r > 4})
+        hca = sorted({r for r in ratios if r not in (0, 4)})
+        # a page holds whole blocks of every ratio and the whole window (then a sequence's window spans at
+        # most 3 pages); by default the first such size from 256 positions, as in vLLM and SGLang
+        unit = math.lcm(4, *hca)
+        page = page or unit * -(-max(256, a.window_size) // unit)
         if policy not in ("store", "recompute"):
             raise ValueError(f"window policy must be 'store' or 'recompute', got {policy!r}")
-        if page % math.lcm(4, *hca) or page < a.window_size:
-            raise ValueError(f"page {page} must be a multiple of lcm(4, HCA ratios) and hold the window {a.window_size}")
-        if len(hca) > 1:
-            raise ValueError(f"one HCA ratio is supported, got {hca}")
+        if page % unit or page < a.window_size:
+            raise ValueError(f"page {page} must be a multiple of {unit} (lcm of 4 and the HCA ratios) and hold the "
+                             f"window of {a.window_size}")
+        if max_seqs < 1 or token_budget < 1:
+            raise ValueError(f"max_seqs and token_budget must be at least 1, got {max_seqs} and {token_budget}")
         self.model, self.args, self.policy, self.page, self.max_seqs = model, a, policy, page, max_seqs
         self.token_budget, self.sampler, self.dev, self.ratios = token_budget, sampler, dev, ratios
         self.keep_logits = keep_logits
@@ -152,7 +160,14 @@ class Engine:
         page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages,
                                   row.shape[1] * row.element_size(), key.shape[1] * key.element_size())
         self.pools = {k: Pool(k, c, page_bytes[k]) for k, c in counts.items() if page_bytes[k] and c}
+        # the smallest ratio of each compressed kind: its entries fill that kind's pages first
         self.ratio = {k: m for k, m in (("csa", 4), ("hca", hca[0] if hca else 0)) if k in self.pools}
+        # Recompute replays from P - replay_tokens to rebuild the state at a hit P. Layer l's window at P needs
+        # its input exact over the W-1 positions before P, a CSA layer's compressor carry over the 4 before;
+        # layer l's input at t is exact once layer l-1's window at t lies inside the replay, so exactness
+        # starts l(W-1) positions into it (layer 0 reads embeddings, exact from the first replayed token).
+        W = a.window_size
+        self.replay_tokens = max(l * (W - 1) + max(W - 1, 4 if r == 4 else 0) for l, r in enumerate(ratios))
         # the kinds whose pages are published for reuse (a window page only under store), in pool order
         self.prefix_kinds = (["window"] if policy == "store" else []) + list(self.ratio)
         nw = counts["window"] * page
@@ -168,7 +183,7 @@ class Engine:
                 c = counts["carry"]
                 self.carry[l] = [torch.zeros(c, 4, w, device=dev) for w in (D, D, cI, cI)]  # kv, score, ikv, iscore
         self.waiting, self.running, self.finished = deque(), [], []
-        self.free_slots, self.page_tokens, self.metrics, self.next_rid = list(range(max_seqs)), {}, Metrics(), 0
+        self.free_slots, self.metrics, self.next_rid = list(range(max_seqs)), Metrics(), 0
         log(f"kv cache: policy {policy}, page {page} tokens, pages " + ", ".join(f"{k} {p.n} ({p.page_bytes / page:.0f} "
             "B/token)" for k, p in self.pools.items()) + f"; minimum reusable prefix {page} tokens")
 
@@ -206,7 +221,7 @@ class Engine:
         """The cached `kind` page holding s's page i (whose hash is computed), if any."""
         h = s.page_hashes[i]
         p = self.pools[kind].index.get(h)
-        return p if p is not None and self.page_tokens.get(h) == self.page_ids(s, i) else None  # verify the ids
+        return p if p is not None and self.pools[kind].ids[p] == self.page_ids(s, i) else None  # verify the ids
 
     def admit(self, s: Seq) -> bool:
         """Resolve s's prefix hit and give it a state slot; False if it must wait."""
@@ -245,12 +260,9 @@ class Engine:
         if self.policy == "store":
             s.pos = P
         else:
-            # Recompute: layer l's window at P depends on layer l-1's window over the W-1 positions before,
-            # so an exact rebuild replays L*(W-1) tokens (the first layer's window needs only embeddings).
-            # Replayed tokens read the stored compressed entries and never rewrite them; outputs within
-            # (l+1)*(W-1) of the replay start are inexact for layer l but are not kept.
-            R = len(self.ratios) * (self.args.window_size - 1)
-            s.pos = s.replay_start = max(0, (P - R) // self.page * self.page)
+            # Recompute (see replay_tokens): replayed tokens read the stored compressed entries and never
+            # rewrite them; their outputs before the exact point are not kept.
+            s.pos = s.replay_start = max(0, (P - self.replay_tokens) // self.page * self.page)
             s.replay_end = P
             self.metrics.recomputed_tokens += P - s.pos
         return True
@@ -296,17 +308,17 @@ class Engine:
         if s.published < full:
             hs = self.hashes(s, full)
             for i in range(s.published, full):
-                self.page_tokens.setdefault(hs[i], self.page_ids(s, i))
+                ids = self.page_ids(s, i)
                 for k in self.prefix_kinds:
                     if s.pages[k][i] >= 0:
-                        self.pools[k].publish(s.pages[k][i], hs[i])
+                        self.pools[k].publish(s.pages[k][i], hs[i], ids)
             if "carry" in self.pools:  # store: chunks end at page boundaries, so s.pos is the boundary
                 p = self.pools["carry"].alloc()  # and the state right now is the carry there
                 if p is not None:
                     for l, cs in self.carry.items():
                         for c, t in zip(cs, self.state[l]):
                             c[p] = t[s.slot, :4, :c.shape[-1]]
-                    self.pools["carry"].publish(p, hs[full - 1])
+                    self.pools["carry"].publish(p, hs[full - 1], self.page_ids(s, full - 1))
                     self.pools["carry"].release(p)  # cached from birth: nobody runs on a carry page
             s.published = full
         if self.policy == "recompute":  # drop window pages that slid out: the held ones run up to the newest,
@@ -350,20 +362,26 @@ class Engine:
                 t[slots] = v
         return logits
 
-    def emit(self, s: Seq, logits_row: torch.Tensor):
-        tok = self.sampler(logits_row, s.params) if self.sampler else int(logits_row.argmax())
-        if self.keep_logits:
-            s.logits.append(logits_row.float().cpu())
-        if not s.out:  # the first token (a preempted request keeps the ones it has)
-            self.metrics.ttft.append((time.perf_counter() - s.arrived, s.hit_tokens))
-        eos = tok == s.params.get("eos_id")
-        if not eos:  # the EOS id is reported but not kept
-            s.tokens.append(tok)
+    def emit(self, s: Seq, logits_row: torch.Tensor, events: list):
+        """Sample s's next token into events and retire s when it is done (a request for no new tokens is
+        done once its prompt is in)."""
+        eos = s.max_new == 0
+        if not eos:
+            if not torch.isfinite(logits_row).all():
+                raise FloatingPointError(f"request {s.rid}: the logits at position {s.pos} are NaN or infinite")
+            tok = self.sampler(logits_row, s.params) if self.sampler else int(logits_row.argmax())
+            if self.keep_logits:
+                s.logits.append(logits_row.float().cpu())
+            if not s.out:  # the first token (a preempted request keeps the ones it has)
+                self.metrics.ttft.append((time.perf_counter() - s.arrived, s.hit_tokens))
+            eos = tok == s.params.get("eos_id")
+            if not eos:  # the EOS id is reported but not kept
+                s.tokens.append(tok)
+            events.append((s.rid, tok))
         if eos or len(s.out) >= s.max_new:
             self.running.remove(s)  # leave now, so a preemption later in this step cannot pick it
             self.release(s)
             self.finished.append(s)
-        return tok
 
     def hold(self, s: Seq, end: int) -> bool:
         """Get s the pages up to `end`, preempting the newest other sequences while a pool is exhausted
@@ -396,7 +414,7 @@ class Engine:
             for i, s in enumerate(dec):
                 s.pos += 1
                 self.after_forward(s)
-                events.append((s.rid, self.emit(s, logits[i, -1])))
+                self.emit(s, logits[i, -1], events)
             self.metrics.decode_s += time.perf_counter() - t0
             self.metrics.decode_tokens += len(dec)
         budget = self.token_budget
@@ -414,7 +432,7 @@ class Engine:
                 s.pos = end
                 self.after_forward(s)
                 if s.pos == len(s.tokens):  # everything is in: the last logits give the next token
-                    events.append((s.rid, self.emit(s, logits[0, -1])))
+                    self.emit(s, logits[0, -1], events)
                     break
         return events
 

@@ -2,6 +2,8 @@
 and checkpoint loading. Parameter names are the official checkpoint tensor names (spec §9.2)."""
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +76,8 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config") -> "ModelArgs":
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{source}: expected a JSON object of config keys, got {type(cfg).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         if "hidden_size" in cfg:  # a Hugging Face config.json: map its keys first
             cfg, hf = {}, dict(cfg)
@@ -81,11 +85,10 @@ class ModelArgs:
                 if k in cls.HF_IGNORED:
                     continue
                 if k == "rope_scaling":
-                    unknown = set(v) - set(cls.HF_ROPE) - {"type", "rope_type"}
-                    if unknown:
-                        raise ValueError(f"{source}: unknown key(s) in rope_scaling: {sorted(unknown)}")
-                    cfg.update({cls.HF_ROPE[rk]: rv for rk, rv in v.items() if rk in cls.HF_ROPE})
+                    cfg.update(cls._hf_rope(v, source))
                 elif k == "quantization_config":
+                    if not isinstance(v, dict):
+                        raise ValueError(f"{source}: quantization_config must be an object, got {json.dumps(v)}")
                     cfg["dtype"], cfg["scale_fmt"] = "fp8", v.get("scale_fmt")
                     cfg.setdefault("expert_dtype", v.get("expert_dtype", "fp4"))
                 else:
@@ -105,6 +108,19 @@ class ModelArgs:
         return args
 
     @classmethod
+    def _hf_rope(cls, v, source: str) -> dict:
+        """HF rope_scaling -> the YaRN fields. null (or type "default") means no YaRN, which
+        original_seq_len = 0 expresses; then factor and betas are unused."""
+        if v is None or isinstance(v, dict) and v.get("rope_type", v.get("type")) == "default":
+            return dict(original_seq_len=0, rope_factor=1.0, beta_fast=32.0, beta_slow=1.0)
+        if not isinstance(v, dict) or v.get("rope_type", v.get("type")) != "yarn":
+            raise ValueError(f"{source}: rope_scaling must be null or a YaRN object, got {json.dumps(v)[:80]}")
+        unknown = set(v) - set(cls.HF_ROPE) - {"type", "rope_type"}
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) in rope_scaling: {sorted(unknown)}")
+        return {cls.HF_ROPE[rk]: rv for rk, rv in v.items() if rk in cls.HF_ROPE}
+
+    @classmethod
     def from_json(cls, path) -> "ModelArgs":
         """Read the official inference/config.json or a Hugging Face config.json."""
         path = Path(path)
@@ -117,23 +133,57 @@ class ModelArgs:
         return cls.from_dict(cfg, str(path))
 
     def validate(self, source: str = "config"):
+        """Type and range of every value, then the rules the model (not the cache engine) needs."""
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"{source}: {msg}")
-        need(len(self.compress_ratios) == self.n_layers + self.n_mtp_layers,
-             f"compress_ratios has {len(self.compress_ratios)} entries, expected n_layers + n_mtp_layers = "
-             f"{self.n_layers + self.n_mtp_layers}")
-        need(all(r in (0, 4) or (r > 4 and r % 4 == 0) for r in self.compress_ratios),
-             f"compress_ratios entries must be 0, 4 or a larger multiple of 4, got {self.compress_ratios}")
-        need(self.window_size >= max(self.compress_ratios) - 1, "window_size must cover an unfinished block")
+        for f in dataclasses.fields(self):  # JSON types: ints stay ints, a float field takes an int too
+            v, t = getattr(self, f.name), f.type
+            if t is float and type(v) is int:
+                v = float(v)
+                setattr(self, f.name, v)
+            ok = {int: lambda: type(v) is int, float: lambda: type(v) is float and math.isfinite(v),
+                  str: lambda: type(v) is str, list: lambda: type(v) is list and all(type(r) is int for r in v)
+                  }.get(t, lambda: v is None or type(v) is str)()  # the rest are str | None
+            need(ok, f"{f.name} must be {_TYPE_NAMES.get(t, 'a string or null')}, got {json.dumps(v)}")
+        n_ratios = self.n_layers + self.n_mtp_layers
+        for name in ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts", "q_lora_rank",
+                     "head_dim", "o_groups", "o_lora_rank", "window_size", "index_n_heads", "index_head_dim",
+                     "index_topk", "hc_mult", "hc_sinkhorn_iters", "max_seq_len"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("route_scale", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "compress_rope_theta"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("n_hash_layers", "n_mtp_layers", "original_seq_len", "swiglu_limit", "norm_eps", "hc_eps"):
+            need(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
+        # one ratio per layer, then per MTP layer; entries past those are ignored, as both reference
+        # implementations do (a checkpoint shipped without its MTP weights keeps the MTP layer's entry)
+        need(len(self.compress_ratios) >= n_ratios, f"compress_ratios has {len(self.compress_ratios)} entries, "
+             f"expected n_layers + n_mtp_layers = {n_ratios}")
+        self.compress_ratios = self.compress_ratios[:n_ratios]
+        need(all(r >= 0 for r in self.compress_ratios), f"compress_ratios must not be negative: {self.compress_ratios}")
+        need(self.n_hash_layers <= self.n_layers, f"n_hash_layers {self.n_hash_layers} exceeds n_layers {self.n_layers}")
+        need(self.n_activated_experts in range(1, self.n_routed_experts + 1),
+             f"n_activated_experts must be in 1..n_routed_experts, got {self.n_activated_experts}")
         need(self.score_func == "sqrtsoftplus", f"score_func {self.score_func!r} is not supported (sqrtsoftplus)")
+        need(self.n_shared_experts == 1, "exactly one shared expert is supported")
         need(self.n_heads % self.o_groups == 0, "n_heads must be divisible by o_groups")
-        need((self.head_dim - self.rope_head_dim) % 64 == 0, "head_dim - rope_head_dim must be a multiple of 64")
-        need(self.index_head_dim & (self.index_head_dim - 1) == 0 and self.index_head_dim % 32 == 0,
-             "index_head_dim must be a power of two and a multiple of 32")
+        need(self.rope_head_dim % 2 == 0 and 2 <= self.rope_head_dim <= self.head_dim,
+             f"rope_head_dim must be even and in 2..head_dim, got {self.rope_head_dim}")
+        need(self.index_head_dim >= self.rope_head_dim, f"index_head_dim {self.index_head_dim} must hold the "
+             f"rope_head_dim {self.rope_head_dim} rotated dims")
         need(self.dtype in ("bf16", "fp8"), f"dtype must be 'bf16' or 'fp8', got {self.dtype!r}")
         need(self.expert_dtype in (None, "fp4", "fp8"), f"expert_dtype must be fp4 or fp8, got {self.expert_dtype!r}")
-        need(self.n_shared_experts == 1, "exactly one shared expert is supported")
+        if self.dtype == "fp8":  # the block sizes of the stored formats and the activation round trips (§9.1)
+            need((self.head_dim - self.rope_head_dim) % 64 == 0, "an FP8 model needs head_dim - rope_head_dim to "
+                 "be a multiple of 64 (the KV round trip's blocks)")
+            need(self.index_head_dim & (self.index_head_dim - 1) == 0 and self.index_head_dim % 32 == 0,
+                 "an FP8 model needs index_head_dim a power of two (the Hadamard rotation) and a multiple of 32")
+            for name, v in (("dim", self.dim), ("q_lora_rank", self.q_lora_rank), ("moe_inter_dim", self.moe_inter_dim),
+                            ("o_groups * o_lora_rank", self.o_groups * self.o_lora_rank)):
+                need(v % 128 == 0, f"an FP8 model needs {name} to be a multiple of 128 (the activation blocks)")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a finite number", str: "a string", list: "a list of integers"}
 
 
 def tiny(**kw) -> ModelArgs:
@@ -367,9 +417,14 @@ class MTPBlock(Block):
 
 
 class Transformer(nn.Module):
+    # Tensors a cast (.float(), .to(dtype), .half()) moves but never converts: those V4 computes in fp32
+    # whatever the activation dtype (norms, mHC, sink, compressor pooling, router bias, head; spec §9.1),
+    # and the stored FP8 / FP4 weights and their scales.
+    FP32 = re.compile(r"(norm\.weight|hc_\w+|attn_sink|ape|gate\.bias|compressor\.(wkv|wgate)\.weight|^head\.weight)$")
+
     def __init__(self, args: ModelArgs, dtype=torch.bfloat16):
         super().__init__()
-        self.args, self.dtype = args, dtype
+        self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.dim, dtype=dtype)
         self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -378,6 +433,19 @@ class Transformer(nn.Module):
         self.hc_head_base = nn.Parameter(torch.empty(args.hc_mult, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
         self.mtp = nn.ModuleList(MTPBlock(args.n_layers + i, args, dtype) for i in range(args.n_mtp_layers))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype, which caches and the engine's pools take: the embedding's, so a cast model
+        runs entirely as cast."""
+        return self.embed.weight.dtype
+
+    def _apply(self, fn, recurse=True):
+        fixed = {id(p) for n, p in self.named_parameters() if self.FP32.search(n) or p.dtype in (FP8, E8M0, FP4)}
+
+        def cast(t):  # a fixed tensor only follows the device fn would move it to
+            return t.to(fn(torch.empty(0, device=t.device)).device) if id(t) in fixed else fn(t)
+        return super()._apply(cast, recurse)
 
     def new_cache(self, batch: int = 1, max_seq_len: int | None = None) -> list[LayerCache]:
         """Preallocated decode state for `batch` sequences: one LayerCache per layer, then per MTP layer."""
@@ -485,6 +553,15 @@ def _to_model_dtype(name: str, t: torch.Tensor, ref: torch.Tensor, where: str) -
     return t.to(ref.dtype)
 
 
+def finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in a weight as stored: e4m3 and e8m0 have NaN codes (0x7F / 0xFF), e2m1 has none."""
+    if t.dtype == FP8:
+        return not bool((t.view(torch.uint8) & 0x7F).eq(0x7F).any())
+    if t.dtype == E8M0:
+        return not bool(t.view(torch.uint8).eq(0xFF).any())
+    return t.dtype == FP4 or not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
 def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -> Transformer:
     """Load a checkpoint directory: config.json (official inference keys or Hugging Face keys) and
     *.safetensors with the official tensor names. Every tensor is checked (name, shape, dtype) before the
@@ -492,7 +569,7 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -
     from safetensors import safe_open
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise FileNotFoundError(f"checkpoint directory {path} " + ("is not a directory" if path.exists() else "does not exist"))
     args = ModelArgs.from_json(path / "config.json")
     if max_seq_len:
         args.max_seq_len = max_seq_len
@@ -507,9 +584,18 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -
     expected = model.state_dict()
     sd, origin = {}, {}
     for f in files:
-        with safe_open(str(f), "pt", device="cpu") as fh:
-            for k in fh.keys():
-                sd[k], origin[k] = fh.get_tensor(k), f.name
+        if not f.is_file():  # a FIFO or a directory named *.safetensors would block or fail inside the reader
+            raise ValueError(f"{f} is not a regular file")
+        try:
+            with safe_open(str(f), "pt", device="cpu") as fh:
+                for k in fh.keys():
+                    if k in sd:
+                        raise ValueError(f"{path}: tensor {k} is in both {origin[k]} and {f.name}")
+                    sd[k], origin[k] = fh.get_tensor(k), f.name
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' own errors: a truncated file, a bad header, an unknown dtype
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     # wo_a ships as FP8; the model runs the grouped projection dense, as the official convert.py does
     for k in [k for k in sd if k.endswith("attn.wo_a.scale") and k[:-5] + "weight" in sd]:
         w = k[:-5] + "weight"
@@ -527,6 +613,8 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -
         if tuple(sd[k].shape) != tuple(ref.shape):
             raise ValueError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)}, expected {tuple(ref.shape)}")
         sd[k] = _to_model_dtype(k, sd[k], ref, where)
+        if not finite(sd[k]):
+            raise ValueError(f"{where}: tensor {k} holds NaN or Inf values")
         if k.endswith("tid2eid") and not (0 <= int(sd[k].min()) and int(sd[k].max()) < args.n_routed_experts):
             raise ValueError(f"{where}: tensor {k} holds expert ids outside [0, {args.n_routed_experts})")
     model.load_state_dict(sd, strict=True, assign=True)
