@@ -1202,6 +1202,19 @@ def hc_pre(X, fn, scale, base, norm_eps, hc_eps, iters, splits=None):
     return u, post, comb
 
 
+def hc_pre_ref(X, fn, scale, base, norm_eps, hc_eps, iters, splits=None):
+    n, x = X.shape[1], X.flatten(1).float()  # [N, n*d]
+    mu = (x @ fn.T) * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)  # [N, (2+n)n] mixing logits
+    pre = torch.sigmoid(mu[:, :n] * scale[0] + base[:n]) + hc_eps
+    post = 2 * torch.sigmoid(mu[:, n:2 * n] * scale[1] + base[n:2 * n])
+    c = (mu[:, 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n)).softmax(-1) + hc_eps  # [N, n, n]
+    c = c / (c.sum(-2, keepdim=True) + hc_eps)  # Sinkhorn: columns, then iters-1 rounds of rows and columns
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdim=True) + hc_eps)
+        c = c / (c.sum(-2, keepdim=True) + hc_eps)
+    return (pre[..., None] * X.float()).sum(1).to(X.dtype), post, c
+
+
 @triton.jit
 def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, y_ptr, D, stride_ft, stride_xt, stride_yt,
                     HC: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -1228,3 +1241,8 @@ def hc_post(f, X, post, comb):
     _hc_post_kernel[(N, triton.cdiv(d, BLOCK_D))](f, X, post, comb, y, d, f.stride(0), X.stride(0), y.stride(0),
                                                   HC=n, BLOCK_D=BLOCK_D, num_warps=4)
     return y
+
+
+def hc_post_ref(f, X, post, comb):
+    y = post[..., None] * f[:, None].float() + torch.einsum("tjk,tjd->tkd", comb, X.float())  # [N, n, d]
+    return y.to(f.dtype)

@@ -1369,6 +1369,39 @@ def test_hc_kernels_odd_width_and_bad_input(hc_block, monkeypatch):
             call()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hc_references_match_the_block(hc_block, dtype, monkeypatch):
+    """hc_pre_ref / hc_post_ref are model.Block.hc_pre / hc_post (torch path) on flattened [1, N, 4, d] streams."""
+    monkeypatch.setenv("V4_NO_KERNELS", "1")
+    g, a = torch.Generator().manual_seed(21), hc_block.args
+    Xb = torch.randn(1, 6, 4, a.dim, generator=g).to(DEV, dtype)
+    f = torch.randn(1, 6, a.dim, generator=g).to(DEV, dtype)
+    refs = hc_block.hc_pre(Xb, "attn")
+    outs = kernels.hc_pre_ref(Xb.flatten(0, 1), hc_block.hc_attn_fn, hc_block.hc_attn_scale, hc_block.hc_attn_base,
+                              a.norm_eps, a.hc_eps, a.hc_sinkhorn_iters)
+    for out, ref in zip(outs, refs):  # the same torch ops in the same order
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out, ref.flatten(0, 1), atol=0, rtol=0)
+    y = kernels.hc_post_ref(f.flatten(0, 1), Xb.flatten(0, 1), outs[1], outs[2])
+    torch.testing.assert_close(y, hc_block.hc_post(f, Xb, refs[1], refs[2]).flatten(0, 1), atol=0, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("n,d,N", [(4, 256, 7), (2, 192, 3), (8, 64, 2)])
+def test_hc_kernels_match_references(n, d, N):
+    """hc_pre / hc_post against their references on fresh random weights, n streams of width d."""
+    g = torch.Generator().manual_seed(n * d + N)
+    rnd = lambda *sh: torch.randn(*sh, generator=g).to(DEV)  # noqa: E731
+    mix = (2 + n) * n
+    X, f, fn = rnd(N, n, d), rnd(N, d), rnd(mix, n * d) * (n * d) ** -0.5
+    args = (fn, 1 + 0.1 * rnd(3), 0.5 * rnd(mix), 1e-6, 1e-6, 20)
+    for out, ref in zip(kernels.hc_pre(X, *args), kernels.hc_pre_ref(X, *args)):
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        assert rel_err(out, ref) < 1e-5  # fp32, summation order only (as above)
+    post, comb = torch.rand(N, n, generator=g).to(DEV) * 2, torch.rand(N, n, n, generator=g).to(DEV)
+    assert rel_err(kernels.hc_post(f, X, post, comb), kernels.hc_post_ref(f, X, post, comb)) < 1e-6
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_model_runs_the_kernels_on_cuda_and_matches_the_reference(monkeypatch):
     """The switch: on CUDA attention, indexer, compressor, FP8 projections, MoE and mHC run the Triton kernels;
