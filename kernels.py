@@ -96,17 +96,19 @@ def mxfp4_ref(codes, scale):
 #   select1  threshold bin b from the histogram; emits every entry above b, compacts the entries inside
 #            b (a few dozen for smooth score distributions) into a candidate list;
 #   select2  one program per row: bisection for the exact k-th key among the candidates (in registers),
-#            emits those above it and as many ties as needed, pads with -1.
+#            emits those above it and, of the ties at it, the lowest entry ids; pads with -1.
 # The binning x -> floor((x - lo) * NB / (hi - lo)) is monotone in fp32, so the split is exact whatever
-# lo and hi are. Output order is arbitrary (attention is permutation invariant), as FlashMLA allows.
+# lo and hi are. Output order is arbitrary (attention is permutation invariant), as FlashMLA allows; the set
+# is not: of equal scores at the cut the lower entry ids win, in both paths and the references.
 HIST_BINS = 256
 NBINS = tl.constexpr(HIST_BINS)
 
 
 @triton.jit
 def _ordered_key(x):
-    """fp32 -> int32 whose SIGNED order is the float order (flip the magnitude bits of negatives)."""
-    i = x.to(tl.int32, bitcast=True)
+    """fp32 -> int32 whose SIGNED order is the float order (flip the magnitude bits of negatives); -0.0 maps
+    to +0.0's key: they tie (ReLU leaves both signs of zero)."""
+    i = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))
     return i ^ ((i >> 31) & 0x7FFFFFFF)
 
 
@@ -262,49 +264,58 @@ def _kth_key(key, valid, need):
 
 
 @triton.jit
+def _stream_kth(ckey_ptr, cidx_ptr, n_c, need, thr, TIES: tl.constexpr, CAP: tl.constexpr):
+    """_kth_key over candidate lists too long for registers, streamed CAP at a time per bisection step: the
+    need-th largest key, or (TIES) minus the need-th smallest id among the candidates whose key is thr."""
+    offs = tl.arange(0, CAP)
+    lo = need.to(tl.int64) * 0 - 2147483648
+    hi = lo * 0 + 2147483647
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        cnt = need * 0
+        for c0 in range(0, n_c, CAP):
+            m = c0 + offs < n_c
+            v = tl.load(ckey_ptr + c0 + offs, mask=m, other=-2147483648)
+            if TIES:
+                v = tl.where(m & (v == thr), -tl.load(cidx_ptr + c0 + offs, mask=m, other=0), -2147483648)
+            cnt += tl.sum((v >= mid).to(tl.int32), axis=0)
+        lo = tl.where(cnt >= need, mid, lo)
+        hi = tl.where(cnt >= need, hi, mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
 def _topk_select2_kernel(hist_ptr, ctr_ptr, cidx_ptr, ckey_ptr, out_ptr, K,
                          stride_ht, stride_ot, stride_ct, KPAD: tl.constexpr, CAP: tl.constexpr):
-    """One program per row: exact k-th key among the candidates, then emission and -1 padding."""
+    """One program per row: the exact k-th key among the candidates; emits those above it and, of those equal
+    to it, the lowest entry ids (select1's atomics leave the candidates in arbitrary order); -1 padding."""
     t = tl.program_id(0)
     b, above, total = _topk_threshold(hist_ptr, t, stride_ht, K)
     n_c = tl.load(ctr_ptr + t * stride_ht + 1)
     need = tl.minimum(K, total) - above  # entries still to take from the threshold bin (<= n_c)
     offs = tl.arange(0, CAP)
+    ckey, cidx = ckey_ptr + t * stride_ct, cidx_ptr + t * stride_ct
     thr = need * 0 - 2147483647 - 1  # the need-th largest candidate key (int32 min until found)
     if need > 0:
         if n_c <= CAP:  # the usual case: candidates stay in registers
-            key = tl.load(ckey_ptr + t * stride_ct + offs, mask=offs < n_c, other=-2147483648)
-            thr = _kth_key(key, offs < n_c, need)
-        else:  # a crowded threshold bin: stream the candidates once per step (slow but exact)
-            lo = need.to(tl.int64) * 0 - 2147483648
-            hi = lo * 0 + 2147483647
-            while lo < hi:
-                mid = lo + (hi - lo + 1) // 2
-                cnt = need * 0
-                for c0 in range(0, n_c, CAP):
-                    key = tl.load(ckey_ptr + t * stride_ct + c0 + offs, mask=c0 + offs < n_c, other=-2147483648)
-                    cnt += tl.sum((key >= mid).to(tl.int32), axis=0)
-                lo = tl.where(cnt >= need, mid, lo)
-                hi = tl.where(cnt >= need, hi, mid - 1)
-            thr = lo.to(tl.int32)
-    n_gt = need * 0  # candidates strictly above thr: all taken
+            thr = _kth_key(tl.load(ckey + offs, mask=offs < n_c, other=-2147483648), offs < n_c, need)
+        else:  # a crowded threshold bin: streamed (slow but exact)
+            thr = _stream_kth(ckey, cidx, n_c, need, thr, False, CAP)
+    n_gt, n_eq = need * 0, need * 0  # candidates above thr (all taken) and at it
+    for c0 in range(0, n_c, CAP):
+        key = tl.load(ckey + c0 + offs, mask=c0 + offs < n_c, other=-2147483648)
+        n_gt += tl.sum((key > thr).to(tl.int32), axis=0)
+        n_eq += tl.sum(((c0 + offs < n_c) & (key == thr)).to(tl.int32), axis=0)
+    last = need * 0 + 2147483647  # ties with ids <= last are taken: all, unless they outnumber the places
+    if n_eq > need - n_gt:
+        last = -_stream_kth(ckey, cidx, n_c, need - n_gt, thr, True, CAP)
+    n_out = above
     for c0 in range(0, n_c, CAP):
         m = c0 + offs < n_c
-        key = tl.load(ckey_ptr + t * stride_ct + c0 + offs, mask=m, other=-2147483648)
-        sel = m & (key > thr)
-        pos = above + n_gt + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + t * stride_ot + pos, tl.load(cidx_ptr + t * stride_ct + c0 + offs, mask=sel), mask=sel)
-        n_gt += tl.sum(sel.to(tl.int32), axis=0)
-    n_eq = need * 0  # ties at thr: the first (need - n_gt) in candidate order
-    for c0 in range(0, n_c, CAP):
-        m = c0 + offs < n_c
-        key = tl.load(ckey_ptr + t * stride_ct + c0 + offs, mask=m, other=-2147483648)
-        eq = m & (key == thr)
-        rank = n_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
-        sel = eq & (rank < need - n_gt)
-        tl.store(out_ptr + t * stride_ot + above + n_gt + rank,
-                 tl.load(cidx_ptr + t * stride_ct + c0 + offs, mask=sel), mask=sel)
-        n_eq += tl.sum(eq.to(tl.int32), axis=0)
+        key, idx = tl.load(ckey + c0 + offs, mask=m, other=-2147483648), tl.load(cidx + c0 + offs, mask=m, other=0)
+        sel = m & ((key > thr) | ((key == thr) & (idx <= last)))
+        tl.store(out_ptr + t * stride_ot + n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1, idx, mask=sel)
+        n_out += tl.sum(sel.to(tl.int32), axis=0)
     pad = tl.arange(0, KPAD)
     tl.store(out_ptr + t * stride_ot + pad, tl.full([KPAD], -1, tl.int32),
              mask=(pad >= tl.minimum(K, total)) & (pad < K))
@@ -324,7 +335,7 @@ def _topk_row_kernel(logit_ptr, nk_ptr, out_ptr, K, W, stride_lt, stride_ot, BLO
     thr = _kth_key(key, valid, need)
     gt = valid & (key > thr)  # all taken
     n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    eq = valid & (key == thr)  # ties at the k-th key: the first need - n_gt of them
+    eq = valid & (key == thr)  # ties at the k-th key: the need - n_gt lowest ids
     rank = tl.cumsum(eq.to(tl.int32), axis=0) - 1
     pos = tl.where(gt, tl.cumsum(gt.to(tl.int32), axis=0) - 1, n_gt + rank)
     tl.store(out_ptr + t * stride_ot + pos, offs, mask=gt | (eq & (rank < need - n_gt)))
@@ -400,6 +411,10 @@ def topk_select(logits, mm, n_keys, k, ws=None):
     return out
 
 
+def topk_select_ref(logits, mm, n_keys, k, ws=None):
+    return topk_row_ref(logits, n_keys, k)
+
+
 def topk_row(logits, n_keys, k):
     """topk_select for rows of at most 32,768 logits, one register-resident program per row."""
     T, N = logits.shape
@@ -410,6 +425,14 @@ def topk_row(logits, n_keys, k):
     _topk_row_kernel[(T,)](logits, n_keys, out, k, N, logits.stride(0), out.stride(0), BLOCK=block,
                            KPAD=triton.next_power_of_2(k), num_warps=4 if block <= 2048 else 8)
     return out
+
+
+def topk_row_ref(logits, n_keys, k):
+    """Ids of the k largest of each row's first n_keys[t] logits, -1 padded; of equal logits the lower id wins."""
+    hidden = torch.arange(logits.shape[1], device=logits.device)[None] >= n_keys[:, None]
+    idx = torch.sort(logits.masked_fill(hidden, -math.inf), dim=-1, descending=True, stable=True).indices[:, :k]
+    idx = torch.where(hidden.gather(1, idx), -1, idx).to(torch.int32)
+    return torch.nn.functional.pad(idx, (0, k - idx.shape[1]), value=-1)  # [T, k]
 
 
 # Rows up to this many candidates (32K tokens) take topk_row. Measured against the histogram chain, H200,
@@ -444,10 +467,7 @@ def indexer_scores_ref(q, w, keys, key_scale, block_table, n_keys):
 
 
 def indexer_topk_ref(q, w, keys, key_scale, block_table, n_keys, k):
-    score = indexer_scores_ref(q, w, keys, key_scale, block_table, n_keys)
-    idx = score.topk(min(k, score.shape[1]), dim=-1).indices
-    idx = torch.where(idx >= n_keys[:, None], -1, idx).to(torch.int32)
-    return torch.nn.functional.pad(idx, (0, k - idx.shape[1]), value=-1)
+    return topk_row_ref(indexer_scores_ref(q, w, keys, key_scale, block_table, n_keys), n_keys, k)
 
 
 # ====================================================================== 2./3. sparse and HCA attention

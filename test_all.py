@@ -868,22 +868,31 @@ def rel_err(a, b) -> float:
 
 
 def row_range(logits, n_keys):
-    """(max, min) of each row's visible logits as topk_select takes them: [T, 1, 2]."""
-    return torch.stack([torch.stack([r[:n].max(), r[:n].min()]) for r, n in zip(logits, n_keys.tolist())])[:, None]
+    """(max, min) of each row's visible logits as topk_select takes them: [T, 1, 2]; (-inf, inf) if none."""
+    hidden = torch.arange(logits.shape[1], device=logits.device)[None] >= n_keys[:, None]
+    return torch.stack([logits.masked_fill(hidden, -math.inf).amax(1), logits.masked_fill(hidden, math.inf).amin(1)],
+                       -1)[:, None]
+
+
+def assert_same_ids(idx, ref):
+    """Row by row the same ids, in any order, and the same -1 padding."""
+    assert idx.shape == ref.shape and idx.dtype == ref.dtype == torch.int32
+    bad = (idx.sort(-1).values != ref.sort(-1).values).any(-1).nonzero().flatten().tolist()
+    assert not bad, f"rows {bad}: the selected ids differ"
 
 
 def assert_topk(idx, score, n_keys, k, tol, exact_set=False):
     """idx holds, per row, min(k, n) distinct visible ids whose scores are the top-k scores (up to tol:
-    ties and near-ties may pick different ids), then -1s."""
+    near-ties may pick different ids), then -1s; exact_set: exactly the reference's ids (ties: lower id wins)."""
     for t in range(idx.shape[0]):
         n = int(n_keys[t])
         got = idx[t][idx[t] >= 0].long()
         assert got.numel() == min(k, n) and (idx[t][got.numel():] == -1).all(), f"row {t}: bad count/padding"
         assert got.unique().numel() == got.numel() and (got < n).all(), f"row {t}: duplicate or invisible id"
-        ref = score[t, :n].topk(min(k, n))
-        assert (score[t, got].sort(descending=True).values - ref.values).abs().max() <= tol, f"row {t}"
-        if exact_set:
-            assert set(got.tolist()) == set(ref.indices.tolist()), f"row {t}: sets differ"
+        ref = score[t, :n].topk(min(k, n)).values
+        assert ((score[t, got].sort(descending=True).values - ref).abs() <= tol).all(), f"row {t}"
+    if exact_set:
+        assert_same_ids(idx, kernels.topk_row_ref(score, n_keys, k))
 
 
 def indexer_inputs(T, HI, CI, E, P, n_keys, qdtype, kdtype, scaled, seed):
@@ -936,6 +945,68 @@ def test_indexer_topk_matches_reference(qdt, kdt, scaled, row_path, monkeypatch)
 
 
 @needs_triton
+@pytest.mark.parametrize("row_path", [True, False])
+def test_indexer_topk_ties_go_to_the_lower_id(row_path, monkeypatch):
+    """Four live index heads (the MMA wants >= 16: the others weigh 0) with negative weights: every entry whose
+    four ReLUs are all 0 scores exactly -0.0, the row's maximum, so the cut falls among ties and the lower
+    entry ids must win, through both top-k paths; an empty row gives all -1."""
+    monkeypatch.setattr(kernels, "TOPK_ROW_MAX", 32768 if row_path else 0)
+    T, HI, CI, E, P, k, n_keys = (4, 64, 128, 64, 300, 128, [0, 5, 3001, 9000]) if GPU else \
+        (4, 16, 32, 16, 40, 8, [0, 5, 300, 477])
+    q, w, keys, ks, bt, nk = indexer_inputs(T, HI, CI, E, P, n_keys, torch.bfloat16, torch.bfloat16, True, seed=14)
+    w = torch.where(torch.arange(HI, device=DEV) < 4, -w.abs(), 0.0)
+    ref_score = kernels.indexer_scores_ref(q, w, keys, ks, bt, nk)
+    assert all(int((ref_score[t] == 0).sum()) > k for t in (2, 3))  # more ties at the top than places
+    ref = kernels.indexer_topk_ref(q, w, keys, ks, bt, nk, k)
+    assert (ref[0] == -1).all() and (ref[1, 5:] == -1).all()
+    assert_same_ids(kernels.indexer_topk(q, w, keys, ks, bt, nk, k), ref)
+
+
+def topk_logits(case, T, N, k, g):
+    """[T, N] logits: continuous ("random"), or ("zeros") about k/2 positive scores and exact zeros of both signs
+    (ReLU zeros times a signed head weight), so every row's cut falls inside a run of ties."""
+    if case == "random":
+        return torch.randn(T, N, generator=g)
+    zero = torch.where(torch.rand(T, N, generator=g) < 0.5, 0.0, -0.0)
+    return torch.where(torch.rand(T, N, generator=g) < k / (2 * N), 1 + torch.rand(T, N, generator=g), zero)
+
+
+class ReversedCandidates:
+    """Stands in for _topk_select2_kernel and reverses each row's threshold-bin candidates before it runs: on a
+    GPU select1's atomics leave them in any order, the interpreter in index order."""
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(hist, ctr, cidx, ckey, *args, **kw):
+            for t, n in enumerate(ctr[:, 1].tolist()):
+                cidx[t, :n], ckey[t, :n] = cidx[t, :n].flip(0), ckey[t, :n].flip(0)
+            return self.kernel[grid](hist, ctr, cidx, ckey, *args, **kw)
+        return launch
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["random", "zeros"])
+def test_topk_kernels_match_references(case, monkeypatch):
+    """topk_select (the histogram chain; its candidates also in reverse order) and topk_row give exactly their
+    reference's ids, ties to the lower id: full rows (the zeros make the threshold bin crowded: its streamed
+    path), a row that fits select2's register tile, a row shorter than k and an empty row (all -1)."""
+    T, N, k, cap = (5, 40000, 512, 2048) if GPU else (5, 1199, 64, 256)
+    logits = topk_logits(case, T, N, k, torch.Generator().manual_seed(20)).to(DEV)
+    nk = torch.tensor([N, N - 77, cap - 37, k // 2, 0], dtype=torch.int32, device=DEV)
+    ref = kernels.topk_select_ref(logits, None, nk, k)
+    assert_same_ids(kernels.topk_select(logits, row_range(logits, nk), nk, k), ref)
+    monkeypatch.setattr(kernels, "_topk_select2_kernel", ReversedCandidates(kernels._topk_select2_kernel))
+    assert_same_ids(kernels.topk_select(logits, row_range(logits, nk), nk, k), ref)
+    monkeypatch.undo()
+    assert_same_ids(kernels.topk_row(logits, nk, k), kernels.topk_row_ref(logits, nk, k))
+    assert torch.equal(kernels.topk_row_ref(logits, nk, k), ref) and (ref[-1] == -1).all()
+    if case == "zeros":  # the rows really hold more ties at the cut than places for them
+        assert all(int((logits[t, :n] == 0).sum()) > k - int((logits[t, :n] > 0).sum()) > 0 for t, n in
+                   enumerate(nk[:3].tolist()))
+
+
+@needs_triton
 @pytest.mark.parametrize("case", ["crowded_bin", "ties"])
 def test_topk_select_crowded_bin_and_ties(case):
     """A threshold bin larger than select2's register tile (its streaming path), and exact ties; the same
@@ -949,11 +1020,11 @@ def test_topk_select_crowded_bin_and_ties(case):
         logits = torch.randint(0, 16, (T, N), generator=g).float() - 7.5
     logits, nk = logits.to(DEV), torch.tensor([N, N - 77], dtype=torch.int32, device=DEV)
     idx = kernels.topk_select(logits, row_range(logits, nk), nk, k)
-    assert_topk(idx, logits, nk, k, tol=0.0)
+    assert_topk(idx, logits, nk, k, tol=0.0, exact_set=True)
     lr, nr = logits[:, :32768], nk.clamp(max=32768)  # the register-resident path holds up to 32K a row
-    assert_topk(kernels.topk_row(lr, nr, k), lr, nr, k, tol=0.0)
+    assert_topk(kernels.topk_row(lr, nr, k), lr, nr, k, tol=0.0, exact_set=True)
     short = torch.tensor([N, k // 2], dtype=torch.int32, device=DEV).clamp(max=32768)  # fewer entries than k
-    assert_topk(kernels.topk_row(lr, short, k), lr, short, k, tol=0.0)
+    assert_topk(kernels.topk_row(lr, short, k), lr, short, k, tol=0.0, exact_set=True)
 
 
 # ------------------------------------------------------------------------------- 2./3. attention
@@ -1210,7 +1281,10 @@ for kern, types, consts in (  # no MMA inside these: they must compile
          dict(HC=4, BLOCK_D=128)),
         (kernels._compress_pool_kernel, dict(a_ptr="*fp32", z_ptr="*fp32", kvs_ptr="*fp32", ss_ptr="*fp32", r_ptr="*i64",
                                              w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", e_ptr="*bf16", eps="fp32"),
-         dict(M=4, OVERLAP=1, HALF_R=32, BLOCK_R=8, BLOCK_C=512, RTNE=False))):
+         dict(M=4, OVERLAP=1, HALF_R=32, BLOCK_R=8, BLOCK_C=512, RTNE=False)),
+        (kernels._topk_select2_kernel, dict(hist_ptr="*i32", ctr_ptr="*i32", cidx_ptr="*i32", ckey_ptr="*i32",
+                                            out_ptr="*i32"), dict(KPAD=512, CAP=2048)),
+        (kernels._topk_row_kernel, dict(logit_ptr="*fp32", nk_ptr="*i32", out_ptr="*i32"), dict(BLOCK=8192, KPAD=512))):
     print(kern.fn.__name__ if hasattr(kern, "fn") else kern.__name__, ".visible .entry" in ptx(kern, types, consts, 4, 1))
 """
 
@@ -1220,12 +1294,13 @@ def test_sm100_ptx_block_scaled_gemms():
     """sm_100 code generation: dot_scaled e4m3 x e2m1 -> tcgen05 block-scaled MMA (mxf8f6f4); bf16 x e2m1
     (the Hopper path) -> bf16 tcgen05 after the compiler's upcast; the FP8 GEMM -> f8f6f4 tcgen05; the mHC
     mixing GEMM (64-token tiles, tf32x3) -> tf32 tcgen05 (decode's 16-token tiles are below tcgen05's M = 64
-    and use mma.sync); the mHC and compressor kernels without an MMA compile."""
+    and use mma.sync); the mHC, compressor and top-k kernels without an MMA compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SM100_GEMM_SCRIPT], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    for line in ("moe_scaled", "moe_bf16", "fp8", "hc_mix", "_hc_pre_kernel", "_hc_post_kernel", "_compress_pool_kernel"):
+    for line in ("moe_scaled", "moe_bf16", "fp8", "hc_mix", "_hc_pre_kernel", "_hc_post_kernel", "_compress_pool_kernel",
+                 "_topk_select2_kernel", "_topk_row_kernel"):
         assert f"{line} True" in r.stdout, r.stdout
 
 
