@@ -5,7 +5,8 @@ flash-decoding split and combine; 4. the MXFP4 grouped expert GEMM, the FP8 bloc
 activation quantizer; 5. compressor pooling (+ RMSNorm + RoPE); 6. mHC pre (mixing GEMM + Sinkhorn +
 pre-mix) and post. Pools are plain tensors; a block table maps a sequence's logical page to a physical page,
 so a paged cache manager can call these directly. model.py / attention.py / mxfp4.py call them on CUDA
-(`use_kernels`; V4_NO_KERNELS=1 switches back to the torch path).
+(`use_kernels`; V4_NO_KERNELS=1 switches back to the torch path). Zero tokens give empty outputs without a
+launch; a query that sees no key gets 0 (the sink alone in the denominator); a top-k row of none, all -1.
 
 Shape legend (as in attention.py): T query tokens, H heads, D head dim (512), K top-k / index-list length,
 HI index heads (64), cI index head dim (128), P pages, E entries per page (64), N pool rows.
@@ -374,8 +375,10 @@ def indexer_scores(q, w, keys, key_scale, block_table, n_keys, ws=None):
     N = block_table.shape[1] * E
     logits = torch.empty(T, N, dtype=torch.float32, device=q.device)
     # ~4 programs per SM (4 warps, low registers), each walking a contiguous share of its row's live pages
-    ns = max(1, min(block_table.shape[1], 4 * _num_sms(q.device) // T))
+    ns = max(1, min(block_table.shape[1], 4 * _num_sms(q.device) // max(T, 1)))
     mm = torch.empty(T, ns, 2, dtype=torch.float32, device=q.device)
+    if T == 0:
+        return logits, mm
     meta = {"num_warps": 4, "CHUNK": 4} if INTERPRET else {}
     ks = key_scale if key_scale is not None else logits  # dummy pointer when HAS_SCALE is off
     _indexer_score_kernel[(T, ns)](
@@ -398,6 +401,8 @@ def topk_select(logits, mm, n_keys, k, ws=None):
         ws = torch.zeros(T, HIST_BINS + 2, dtype=torch.int32, device=logits.device)
     hist, ctr = ws[:, :HIST_BINS], ws[:, HIST_BINS:]
     out = torch.empty(T, k, dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return out
     cand = torch.empty(2, T, N, dtype=torch.int32, device=logits.device)  # ids and keys of the threshold bin
     blk = 256 if INTERPRET else 4096
     nsp = triton.next_power_of_2(ns)
@@ -420,6 +425,8 @@ def topk_row(logits, n_keys, k):
     T, N = logits.shape
     _check(N <= 32768, f"topk_row takes rows of at most 32768 logits, got {N}")
     out = torch.empty(T, k, dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return out
     block = max(triton.next_power_of_2(N), 16)
     # 8 warps from 4K entries: measured best for 4K-16K rows on H200 (4 warps only at <= 2K)
     _topk_row_kernel[(T,)](logits, n_keys, out, k, N, logits.stride(0), out.stride(0), BLOCK=block,
@@ -660,6 +667,8 @@ def _attn(q, kv_pool, idx, n_idx, sink, scale, win, win_idx, num_splits):
     L, LW = idx.shape[1], win_idx.shape[1] if win is not None else 0
     win, win_idx = (win, win_idx) if win is not None else (kv_pool, idx)  # dummies when LW = 0
     o = torch.empty_like(q)
+    if T == 0:
+        return o
     n_units = max(1, triton.cdiv(L + LW, ATTN_UNIT))
     ns = min(num_splits or _pick_splits(T, n_units, _num_sms(q.device)), n_units)
     rows = triton.cdiv(n_units, ns) * ATTN_UNIT  # rows per split
@@ -729,6 +738,7 @@ def sparse_attn_paged_ref(q, kv_pool, idx, sink, scale, win=None, win_idx=None):
     s = torch.einsum("thd,tkd->thk", q.float(), ent) * scale  # [T,H,K]
     s = s.masked_fill(~valid[:, None, :], -math.inf)
     mx = s.amax(-1, keepdim=True)
+    mx = mx.masked_fill(mx == -math.inf, 0.0)  # no visible key: an empty sum over (0 + exp(sink)) is 0, not NaN
     p = torch.exp(s - mx)
     denom = p.sum(-1, keepdim=True) + torch.exp(sink.float()[:, None] - mx)
     return (torch.einsum("thk,tkd->thd", p, ent) / denom).to(q.dtype)  # [T,H,D]
@@ -885,6 +895,8 @@ def moe_grouped_gemm(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=
            f"w_scale must be contiguous e8m0 [{E}, {N}, {K // 32}], got {tuple(w_scale.shape)}")
     _check(tile_expert.dim() == 1 and tile_expert.dtype == torch.int32 and M % max(1, tile_expert.numel()) == 0,
            f"tile_expert must be int32 [M / BLOCK_M], got {tuple(tile_expert.shape)} for M = {M}")
+    if M == 0:
+        return torch.empty(0, N, dtype=out_dtype, device=x.device)
     block_m = M // tile_expert.numel()
     _check(block_m in (16, 32, 64, 128), f"BLOCK_M = M / len(tile_expert) must be 16..128, got {block_m}")
     w8, s8 = w.view(torch.uint8), w_scale.view(torch.uint8)
@@ -900,7 +912,8 @@ def moe_grouped_gemm(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=
 def moe_grouped_gemm_ref(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=None, prequant=False,
                          meta=None):
     wf = mxfp4_ref(w, w_scale)  # [E, N, K]
-    xq = fp8_roundtrip_ref(x).view(tile_expert.numel(), -1, x.shape[1])  # [tiles, BLOCK_M, K]
+    n_t = tile_expert.numel()
+    xq = fp8_roundtrip_ref(x).view(n_t, x.shape[0] // max(n_t, 1), x.shape[1])  # [tiles, BLOCK_M, K]
     y = torch.zeros(xq.shape[0], xq.shape[1], w.shape[1], device=x.device)
     for t, e in enumerate(tile_expert.tolist()):
         if e >= 0:
@@ -933,6 +946,8 @@ def act_quant(x, bf16_out=False):
     M, K = x.shape
     q = torch.empty(M, K, dtype=torch.bfloat16 if bf16_out else torch.float8_e4m3fn, device=x.device)
     s = torch.empty(M, K // 128, dtype=torch.float32, device=x.device)
+    if M == 0:  # zero tokens: empty outputs and no launch, as in every wrapper (a GPU launch cannot take the
+        return q, s  # null pointer of an empty tensor)
     _act_quant_kernel[(triton.cdiv(M, 32), K // 128)](x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0),
                                                       BLOCK_M=32, BLOCK_K=128, BF16_OUT=bf16_out, UPCAST=INTERPRET,
                                                       num_warps=4)
@@ -1000,6 +1015,8 @@ def fp8_gemm(x, w, w_scale, out_dtype=torch.bfloat16, meta=None):
     q, s = act_quant(x.contiguous())
     s8 = w_scale.view(torch.uint8)
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    if M == 0:
+        return y
     # Chosen from a measured handful (KERNEL_NOTES.md): 128x128 tiles, 8 warps for M >= 128 (one WGMMA pair per
     # warpgroup). Small M streams the weight: narrow N tiles (32 wide up to N = 8192) so >= 128 programs keep
     # enough bytes in flight, 6 stages; 16-row tiles at M <= 16 (1.5x faster than 128-wide tiles at M = 1).
@@ -1100,6 +1117,8 @@ def compress_pool(a, z, kv_state, score_state, r, ratio, norm_w, eps, cos, sin, 
            f"cos/sin [B,{nb},R/2] and integer r [B], got a {tuple(a.shape)}, state {tuple(kv_state.shape)}, "
            f"cos {tuple(cos.shape)}, r {tuple(r.shape)}")
     e = torch.empty(B, nb, c, dtype=out_dtype, device=a.device)
+    if B * S == 0:  # no new token completes no block (r < ratio): every entry 0, no launch
+        return e.zero_()
     BLOCK_C = triton.next_power_of_2(c)
     # rows per step: all 8 for m = 4; for m = 128 bounded so a chunk of a and z stays ~8K fp32 values each
     BLOCK_R = min(triton.next_power_of_2((1 + o) * ratio), max(1, 8192 // BLOCK_C))
@@ -1121,6 +1140,8 @@ def compress_pool_ref(a, z, kv_state, score_state, r, ratio, norm_w, eps, cos, s
     pooled = torch.zeros(B, nb, c, device=a.device)
     for b in range(B):
         rb, n = int(r[b]), (int(r[b]) + S) // m
+        if n == 0:  # no complete block (S = 0, say): its entries stay 0
+            continue
         carried = i < rb
         srow, trow = (o * m + i).clamp(0, kv_state.shape[1] - 1), (i - rb).clamp(0, S - 1)
         val = torch.where(carried, kv_state[b][srow, ch], a[b][trow, ch])  # [nb,(1+o)m,c]
@@ -1204,6 +1225,9 @@ def hc_pre(X, fn, scale, base, norm_eps, hc_eps, iters, splits=None):
            f"need n a power of two, n*d % {BLOCK_K} == 0 and iters >= 1, got n={n}, d={d}, iters={iters}")
     _check(fn.shape == (mix, K) and fn.is_contiguous() and scale.shape == (3,) and base.shape == (mix,) and fn.dtype
            == scale.dtype == base.dtype == torch.float32, f"fn, scale, base must be fp32 [{mix}, {K}], [3], [{mix}]")
+    u, post, comb = X.new_empty(N, d), X.new_empty(N, n, dtype=torch.float32), X.new_empty(N, n, n, dtype=torch.float32)
+    if N == 0:
+        return u, post, comb
     # 16 tokens (tl.dot's minimum) for decode; 64 (a wgmma / tcgen05 M) once 64-row tiles fill a few waves:
     # every tile re-reads fn (1.5 MiB) from L2, and 16-row tiles use the slower mma.sync
     BLOCK_T = 64 if N >= 8 * _num_sms(X.device) else 16
@@ -1214,7 +1238,6 @@ def hc_pre(X, fn, scale, base, norm_eps, hc_eps, iters, splits=None):
     ws = X.new_empty(splits, N, triton.next_power_of_2(mix + 1), dtype=torch.float32)  # [SPLITS, N, BLOCK_M]
     _hc_mix_kernel[(tiles, splits)](X, fn, ws, N, K // splits, X.stride(0), fn.stride(0), ws.stride(0), ws.stride(1),
                                     MIX=mix, BLOCK_T=BLOCK_T, BLOCK_M=ws.shape[2], BLOCK_K=BLOCK_K, num_warps=4)
-    u, post, comb = X.new_empty(N, d), X.new_empty(N, n, dtype=torch.float32), X.new_empty(N, n, n, dtype=torch.float32)
     _hc_pre_kernel[(N, triton.cdiv(d, 512))](ws, X, scale, base, u, post, comb, d, splits, iters, ws.stride(0), ws.stride(1),
                          X.stride(0), u.stride(0), norm_eps, hc_eps, HC=n, MIX=mix,
                          BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=512, num_warps=1)  # one warp: the
@@ -1258,6 +1281,8 @@ def hc_post(f, X, post, comb):
            comb.is_contiguous() and post.dtype == comb.dtype == torch.float32,
            f"need n a power of two and contiguous fp32 post [{N}, {n}], comb [{N}, {n}, {n}]")
     y, BLOCK_D = f.new_empty(N, n, d), 128  # [n, n, 128] fp32 product: 16 a thread at 4 warps; 32 programs a token
+    if N == 0:
+        return y
     _hc_post_kernel[(N, triton.cdiv(d, BLOCK_D))](f, X, post, comb, y, d, f.stride(0), X.stride(0), y.stride(0),
                                                   HC=n, BLOCK_D=BLOCK_D, num_warps=4)
     return y

@@ -1051,15 +1051,18 @@ def test_sparse_attn_paged_matches_reference(T, H, D, N, L, splits, with_win, pa
     if packed:  # rows on the FP8 grid (as quant_kv leaves them), stored packed: dequantized inside the kernel
         kv = mxfp4.pack_kv(quant_kv(kv, 64), 64)
     idx[0, 1:] = -1  # a query with a single real key (plus its window, if any)
+    idx[-1] = -1  # and one with none: an empty sum over (0 + exp(sink)), exactly 0
     win = win_idx = None
     if with_win:  # a second source, e.g. this call's window rows: [T*W', D] rows, W' per token
         _, win, win_idx, _ = attn_inputs(T, H, D, 128 if GPU else 12, 128 if GPU else 12, seed=6)
+        win_idx[-1] = -1
     scale = D ** -0.5
     ref = kernels.sparse_attn_paged_ref(q, kv, idx, sink, scale, win, win_idx)
     out = kernels.sparse_attn_paged(q, kv, idx, sink, scale, win, win_idx, num_splits=splits)
     # bf16 inputs and output, fp32 softmax/accumulation; split partials are rounded to bf16 once more
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel_err(out, ref) < 1.5e-2
+    assert (out[-1] == 0).all() and (ref[-1] == 0).all()
 
 
 def test_paged_reference_matches_attention_sparse_attn():
@@ -1081,13 +1084,14 @@ def test_paged_reference_matches_attention_sparse_attn():
 @needs_triton
 @pytest.mark.parametrize("splits", [1, 4, None])
 def test_hca_attn_matches_reference(splits):
-    T, H, D, N, L = (2, 64, 512, 12000, 8320) if GPU else (3, 16, 128, 100, 64)
+    T, H, D, N, L = (4, 64, 512, 12000, 8320) if GPU else (4, 16, 128, 100, 64)
     q, kv, idx, sink = attn_inputs(T, H, D, N, L, seed=5)
     rows = idx.clamp(min=0)  # HCA lists are dense; entries past n_rows hold stale ids that must be ignored
-    n_rows = torch.tensor([L, L // 2 + 3, 7][:T], dtype=torch.int32, device=DEV)
+    n_rows = torch.tensor([L, L // 2 + 3, 7, 0], dtype=torch.int32, device=DEV)  # the last sees no row: output 0
     ref = kernels.hca_attn_ref(q, kv, rows, n_rows, sink, D ** -0.5)
     out = kernels.hca_attn(q, kv, rows, n_rows, sink, D ** -0.5, num_splits=splits)
     assert rel_err(out, ref) < 1.5e-2  # as above: bf16 in/out, fp32 softmax
+    assert (out[-1] == 0).all() and (ref[-1] == 0).all()
 
 
 # ----------------------------------------------------------------------------- sm_100 code generation
@@ -1475,6 +1479,40 @@ def test_hc_kernels_match_references(n, d, N):
         assert rel_err(out, ref) < 1e-5  # fp32, summation order only (as above)
     post, comb = torch.rand(N, n, generator=g).to(DEV) * 2, torch.rand(N, n, n, generator=g).to(DEV)
     assert rel_err(kernels.hc_post(f, X, post, comb), kernels.hc_post_ref(f, X, post, comb)) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ zero tokens
+@needs_triton
+def test_zero_tokens_give_the_references_empty_outputs_without_a_launch(monkeypatch):
+    """Zero tokens (and compressor calls with no new token): each wrapper returns what its reference returns
+    (empty tensors of the right shapes and dtypes; all-zero entries) and launches nothing: every kernel is
+    replaced by None, so a launch would raise."""
+    g = torch.Generator().manual_seed(30)
+    rnd = lambda *sh: torch.randn(*sh, generator=g).to(DEV)  # noqa: E731
+    n, d = 4, 256
+    wq, ws = (t.to(DEV) for t in mxfp4.fp8_block_quantize(torch.randn(200, 256, generator=g) * 0.05))
+    q, kv, idx, sink = attn_inputs(0, 16, 128, 50, 24, seed=31)
+    cases = [("hc_pre", (rnd(0, n, d), rnd(24, n * d), 1 + 0.1 * rnd(3), rnd(24), 1e-6, 1e-6, 20)),
+             ("hc_post", (rnd(0, d), rnd(0, n, d), rnd(0, n), rnd(0, n, n))),
+             ("act_quant", (rnd(0, 256).bfloat16(),)),
+             ("fp8_gemm", (rnd(0, 256).bfloat16(), wq, ws)),
+             ("sparse_attn_paged", (q, kv, idx, sink, 0.1)),
+             ("hca_attn", (q, kv, idx.clamp(min=0), torch.zeros(0, dtype=torch.int32, device=DEV), sink, 0.1))]
+    cases += [("compress_pool", (*pool_inputs(2, 0, m, 64, 16, [0, m - 1], g), torch.bfloat16)) for m in (4, 128)]
+    nk, logits = torch.zeros(0, dtype=torch.int32, device=DEV), rnd(0, 50)
+    cases += [("indexer_topk", (rnd(0, 16, 32).bfloat16(), rnd(0, 16), rnd(6, 16, 32).bfloat16(), None,
+                                torch.zeros(0, 3, dtype=torch.int32, device=DEV), nk, 8)),
+              ("topk_select", (logits, rnd(0, 1, 2), nk, 8)), ("topk_row", (logits, nk, 8)),
+              ("moe_grouped_gemm", (rnd(0, 256).bfloat16(), *mxfp4_experts(3, 32, 256, seed=32),
+                                    torch.zeros(0, dtype=torch.int32, device=DEV)))]
+    refs = [getattr(kernels, name + "_ref")(*args) for name, args in cases]
+    for name in dir(kernels):
+        if name.startswith("_") and name.endswith("_kernel"):
+            monkeypatch.setattr(kernels, name, None)
+    for (name, args), ref in zip(cases, refs):
+        out = getattr(kernels, name)(*args)
+        for o, r in zip(*((t,) if torch.is_tensor(t) else t for t in (out, ref))):
+            assert o.shape == r.shape and o.dtype == r.dtype and torch.equal(o.float(), r.float()), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
