@@ -1091,7 +1091,7 @@ def _compress_pool_kernel(a_ptr, z_ptr, kvs_ptr, ss_ptr, r_ptr, w_ptr, cos_ptr, 
         mx = new
     # cast to the activation dtype first, as the reference does, then RMSNorm in fp32 and cast again
     dt = e_ptr.dtype.element_ty
-    x = _cast(tl.where(c_ok, acc / l, 0.0), dt, RTNE).to(tl.float32)
+    x = _cast(acc / tl.where(c_ok, l, 1.0), dt, RTNE).to(tl.float32)  # padded channels: acc = l = 0, no 0/0
     w = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0)
     y = _cast(x * tl.rsqrt(tl.sum(x * x, 0) / C + eps) * w, dt, RTNE).to(tl.float32)
     # interleaved RoPE on the trailing 2*HALF_R dims: view the row as (re, im) pairs; other pairs get cos 1, sin 0

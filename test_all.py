@@ -1321,9 +1321,12 @@ def pool_inputs(B, S, m, c, R, rs, g, fresh_prev=False):
 
 
 # (ratio, S, c, R, r per sequence): S = 130 with r = 127 spans two m = 128 blocks; c = 128 streams m = 128 in
-# two 64-row chunks; c = 2048 makes the m = 4 chunks 4 rows, so an absent previous block is an all -inf chunk
+# two 64-row chunks; c = 2048 makes the m = 4 chunks 4 rows, so an absent previous block is an all -inf chunk;
+# c = 96 and 160 are not powers of two: masked channels in the pooling, the norm and the RoPE pairs
 POOL_CASES = [(4, 1, 64, 16, [0, 3, 2]), (4, 3, 128, 64, [1, 2, 0]), (4, 9, 64, 16, [3, 0, 1]),
-              (4, 3, 2048, 64, [1, 3]), (128, 1, 64, 16, [127, 0, 5]), (128, 130, 128, 64, [0, 127, 64])]
+              (4, 3, 2048, 64, [1, 3]), (128, 1, 64, 16, [127, 0, 5]), (128, 130, 128, 64, [0, 127, 64]),
+              (4, 6, 96, 32, [2, 0, 3]), (4, 5, 160, 64, [3, 1]), (128, 129, 96, 32, [0, 127]),
+              (128, 2, 160, 64, [127, 5, 126])]
 
 
 @needs_triton
