@@ -265,12 +265,10 @@ def _kth_key(key, valid, need):
 
 
 @triton.jit
-def _stream_kth(ckey_ptr, cidx_ptr, n_c, need, thr, TIES: tl.constexpr, CAP: tl.constexpr):
-    """_kth_key over candidate lists too long for registers, streamed CAP at a time per bisection step: the
-    need-th largest key, or (TIES) minus the need-th smallest id among the candidates whose key is thr."""
+def _stream_kth(ckey_ptr, cidx_ptr, n_c, need, thr, lo, hi, TIES: tl.constexpr, CAP: tl.constexpr):
+    """_kth_key over a candidate list streamed CAP at a time per bisection step, between int64 bounds lo and hi:
+    the need-th largest key, or (TIES) minus the need-th smallest id among the candidates whose key is thr."""
     offs = tl.arange(0, CAP)
-    lo = need.to(tl.int64) * 0 - 2147483648
-    hi = lo * 0 + 2147483647
     while lo < hi:
         mid = lo + (hi - lo + 1) // 2
         cnt = need * 0
@@ -301,15 +299,17 @@ def _topk_select2_kernel(hist_ptr, ctr_ptr, cidx_ptr, ckey_ptr, out_ptr, K,
         if n_c <= CAP:  # the usual case: candidates stay in registers
             thr = _kth_key(tl.load(ckey + offs, mask=offs < n_c, other=-2147483648), offs < n_c, need)
         else:  # a crowded threshold bin: streamed (slow but exact)
-            thr = _stream_kth(ckey, cidx, n_c, need, thr, False, CAP)
+            lo = need.to(tl.int64) * 0 - 2147483648
+            thr = _stream_kth(ckey, cidx, n_c, need, thr, lo, lo * 0 + 2147483647, False, CAP)
     n_gt, n_eq = need * 0, need * 0  # candidates above thr (all taken) and at it
     for c0 in range(0, n_c, CAP):
         key = tl.load(ckey + c0 + offs, mask=c0 + offs < n_c, other=-2147483648)
         n_gt += tl.sum((key > thr).to(tl.int32), axis=0)
         n_eq += tl.sum(((c0 + offs < n_c) & (key == thr)).to(tl.int32), axis=0)
     last = need * 0 + 2147483647  # ties with ids <= last are taken: all, unless they outnumber the places
-    if n_eq > need - n_gt:
-        last = -_stream_kth(ckey, cidx, n_c, need - n_gt, thr, True, CAP)
+    if n_eq > need - n_gt:  # bisect over minus the ids, all in (-total, 0]
+        last = -_stream_kth(ckey, cidx, n_c, need - n_gt, thr, 1 - total.to(tl.int64), total.to(tl.int64) * 0,
+                            True, CAP)
     n_out = above
     for c0 in range(0, n_c, CAP):
         m = c0 + offs < n_c
