@@ -192,7 +192,7 @@ def _row_bins(x, mm_ptr, t, stride_mt, NS, NS_PAD: tl.constexpr):
     offs = tl.arange(0, NS_PAD)
     hi = tl.max(tl.load(mm_ptr + t * stride_mt + offs * 2, mask=offs < NS, other=-float("inf")), axis=0)
     lo = tl.min(tl.load(mm_ptr + t * stride_mt + offs * 2 + 1, mask=offs < NS, other=float("inf")), axis=0)
-    inv = tl.where(hi > lo, NBINS / (hi - lo), 0.0)
+    inv = NBINS / tl.where(hi > lo, hi - lo, float("inf"))  # a constant row: all in bin 0, no division by 0
     return tl.minimum(tl.maximum(((x - lo) * inv).to(tl.int32), 0), NBINS - 1)
 
 
