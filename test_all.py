@@ -1286,6 +1286,11 @@ for kern, types, consts in (  # no MMA inside these: they must compile
         (kernels._compress_pool_kernel, dict(a_ptr="*fp32", z_ptr="*fp32", kvs_ptr="*fp32", ss_ptr="*fp32", r_ptr="*i64",
                                              w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", e_ptr="*bf16", eps="fp32"),
          dict(M=4, OVERLAP=1, HALF_R=32, BLOCK_R=8, BLOCK_C=512, RTNE=False)),
+        (kernels._hist_kernel, dict(logit_ptr="*fp32", mm_ptr="*fp32", nk_ptr="*i32", hist_ptr="*i32"),
+         dict(NS_PAD=8, BLOCK=4096)),
+        (kernels._topk_select1_kernel, dict(logit_ptr="*fp32", mm_ptr="*fp32", hist_ptr="*i32", nk_ptr="*i32",
+                                            out_ptr="*i32", ctr_ptr="*i32", cidx_ptr="*i32", ckey_ptr="*i32"),
+         dict(NS_PAD=8, BLOCK=4096)),
         (kernels._topk_select2_kernel, dict(hist_ptr="*i32", ctr_ptr="*i32", cidx_ptr="*i32", ckey_ptr="*i32",
                                             out_ptr="*i32"), dict(KPAD=512, CAP=2048)),
         (kernels._topk_row_kernel, dict(logit_ptr="*fp32", nk_ptr="*i32", out_ptr="*i32"), dict(BLOCK=8192, KPAD=512))):
@@ -1304,7 +1309,7 @@ def test_sm100_ptx_block_scaled_gemms():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for line in ("moe_scaled", "moe_bf16", "fp8", "hc_mix", "_hc_pre_kernel", "_hc_post_kernel", "_compress_pool_kernel",
-                 "_topk_select2_kernel", "_topk_row_kernel"):
+                 "_hist_kernel", "_topk_select1_kernel", "_topk_select2_kernel", "_topk_row_kernel"):
         assert f"{line} True" in r.stdout, r.stdout
 
 
