@@ -5,7 +5,8 @@ flash-decoding split and combine; 4. the MXFP4 grouped expert GEMM, the FP8 bloc
 activation quantizer; 5. compressor pooling (+ RMSNorm + RoPE); 6. mHC pre (mixing GEMM + Sinkhorn +
 pre-mix) and post. Pools are plain tensors; a block table maps a sequence's logical page to a physical page,
 so a paged cache manager can call these directly. model.py / attention.py / mxfp4.py call them on CUDA
-(`use_kernels`; V4_NO_KERNELS=1 switches back to the torch path).
+(`use_kernels`; V4_NO_KERNELS=1 switches back to the torch path). Zero tokens give empty outputs without a
+launch; a query that sees no key gets 0 (the sink alone in the denominator); a top-k row of none, all -1.
 
 Shape legend (as in attention.py): T query tokens, H heads, D head dim (512), K top-k / index-list length,
 HI index heads (64), cI index head dim (128), P pages, E entries per page (64), N pool rows.
@@ -96,17 +97,19 @@ def mxfp4_ref(codes, scale):
 #   select1  threshold bin b from the histogram; emits every entry above b, compacts the entries inside
 #            b (a few dozen for smooth score distributions) into a candidate list;
 #   select2  one program per row: bisection for the exact k-th key among the candidates (in registers),
-#            emits those above it and as many ties as needed, pads with -1.
+#            emits those above it and, of the ties at it, the lowest entry ids; pads with -1.
 # The binning x -> floor((x - lo) * NB / (hi - lo)) is monotone in fp32, so the split is exact whatever
-# lo and hi are. Output order is arbitrary (attention is permutation invariant), as FlashMLA allows.
+# lo and hi are. Output order is arbitrary (attention is permutation invariant), as FlashMLA allows; the set
+# is not: of equal scores at the cut the lower entry ids win, in both paths and the references.
 HIST_BINS = 256
 NBINS = tl.constexpr(HIST_BINS)
 
 
 @triton.jit
 def _ordered_key(x):
-    """fp32 -> int32 whose SIGNED order is the float order (flip the magnitude bits of negatives)."""
-    i = x.to(tl.int32, bitcast=True)
+    """fp32 -> int32 whose SIGNED order is the float order (flip the magnitude bits of negatives); -0.0 maps
+    to +0.0's key: they tie (ReLU leaves both signs of zero)."""
+    i = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))
     return i ^ ((i >> 31) & 0x7FFFFFFF)
 
 
@@ -189,7 +192,7 @@ def _row_bins(x, mm_ptr, t, stride_mt, NS, NS_PAD: tl.constexpr):
     offs = tl.arange(0, NS_PAD)
     hi = tl.max(tl.load(mm_ptr + t * stride_mt + offs * 2, mask=offs < NS, other=-float("inf")), axis=0)
     lo = tl.min(tl.load(mm_ptr + t * stride_mt + offs * 2 + 1, mask=offs < NS, other=float("inf")), axis=0)
-    inv = tl.where(hi > lo, NBINS / (hi - lo), 0.0)
+    inv = NBINS / tl.where(hi > lo, hi - lo, float("inf"))  # a constant row: all in bin 0, no division by 0
     return tl.minimum(tl.maximum(((x - lo) * inv).to(tl.int32), 0), NBINS - 1)
 
 
@@ -262,49 +265,58 @@ def _kth_key(key, valid, need):
 
 
 @triton.jit
+def _stream_kth(ckey_ptr, cidx_ptr, n_c, need, thr, lo, hi, TIES: tl.constexpr, CAP: tl.constexpr):
+    """_kth_key over a candidate list streamed CAP at a time per bisection step, between int64 bounds lo and hi:
+    the need-th largest key, or (TIES) minus the need-th smallest id among the candidates whose key is thr."""
+    offs = tl.arange(0, CAP)
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        cnt = need * 0
+        for c0 in range(0, n_c, CAP):
+            m = c0 + offs < n_c
+            v = tl.load(ckey_ptr + c0 + offs, mask=m, other=-2147483648)
+            if TIES:
+                v = tl.where(m & (v == thr), -tl.load(cidx_ptr + c0 + offs, mask=m, other=0), -2147483648)
+            cnt += tl.sum((v >= mid).to(tl.int32), axis=0)
+        lo = tl.where(cnt >= need, mid, lo)
+        hi = tl.where(cnt >= need, hi, mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
 def _topk_select2_kernel(hist_ptr, ctr_ptr, cidx_ptr, ckey_ptr, out_ptr, K,
                          stride_ht, stride_ot, stride_ct, KPAD: tl.constexpr, CAP: tl.constexpr):
-    """One program per row: exact k-th key among the candidates, then emission and -1 padding."""
+    """One program per row: the exact k-th key among the candidates; emits those above it and, of those equal
+    to it, the lowest entry ids (select1's atomics leave the candidates in arbitrary order); -1 padding."""
     t = tl.program_id(0)
     b, above, total = _topk_threshold(hist_ptr, t, stride_ht, K)
     n_c = tl.load(ctr_ptr + t * stride_ht + 1)
     need = tl.minimum(K, total) - above  # entries still to take from the threshold bin (<= n_c)
     offs = tl.arange(0, CAP)
+    ckey, cidx = ckey_ptr + t * stride_ct, cidx_ptr + t * stride_ct
     thr = need * 0 - 2147483647 - 1  # the need-th largest candidate key (int32 min until found)
     if need > 0:
         if n_c <= CAP:  # the usual case: candidates stay in registers
-            key = tl.load(ckey_ptr + t * stride_ct + offs, mask=offs < n_c, other=-2147483648)
-            thr = _kth_key(key, offs < n_c, need)
-        else:  # a crowded threshold bin: stream the candidates once per step (slow but exact)
+            thr = _kth_key(tl.load(ckey + offs, mask=offs < n_c, other=-2147483648), offs < n_c, need)
+        else:  # a crowded threshold bin: streamed (slow but exact)
             lo = need.to(tl.int64) * 0 - 2147483648
-            hi = lo * 0 + 2147483647
-            while lo < hi:
-                mid = lo + (hi - lo + 1) // 2
-                cnt = need * 0
-                for c0 in range(0, n_c, CAP):
-                    key = tl.load(ckey_ptr + t * stride_ct + c0 + offs, mask=c0 + offs < n_c, other=-2147483648)
-                    cnt += tl.sum((key >= mid).to(tl.int32), axis=0)
-                lo = tl.where(cnt >= need, mid, lo)
-                hi = tl.where(cnt >= need, hi, mid - 1)
-            thr = lo.to(tl.int32)
-    n_gt = need * 0  # candidates strictly above thr: all taken
+            thr = _stream_kth(ckey, cidx, n_c, need, thr, lo, lo * 0 + 2147483647, False, CAP)
+    n_gt, n_eq = need * 0, need * 0  # candidates above thr (all taken) and at it
+    for c0 in range(0, n_c, CAP):
+        key = tl.load(ckey + c0 + offs, mask=c0 + offs < n_c, other=-2147483648)
+        n_gt += tl.sum((key > thr).to(tl.int32), axis=0)
+        n_eq += tl.sum(((c0 + offs < n_c) & (key == thr)).to(tl.int32), axis=0)
+    last = need * 0 + 2147483647  # ties with ids <= last are taken: all, unless they outnumber the places
+    if n_eq > need - n_gt:  # bisect over minus the ids, all in (-total, 0]
+        last = -_stream_kth(ckey, cidx, n_c, need - n_gt, thr, 1 - total.to(tl.int64), total.to(tl.int64) * 0,
+                            True, CAP)
+    n_out = above
     for c0 in range(0, n_c, CAP):
         m = c0 + offs < n_c
-        key = tl.load(ckey_ptr + t * stride_ct + c0 + offs, mask=m, other=-2147483648)
-        sel = m & (key > thr)
-        pos = above + n_gt + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + t * stride_ot + pos, tl.load(cidx_ptr + t * stride_ct + c0 + offs, mask=sel), mask=sel)
-        n_gt += tl.sum(sel.to(tl.int32), axis=0)
-    n_eq = need * 0  # ties at thr: the first (need - n_gt) in candidate order
-    for c0 in range(0, n_c, CAP):
-        m = c0 + offs < n_c
-        key = tl.load(ckey_ptr + t * stride_ct + c0 + offs, mask=m, other=-2147483648)
-        eq = m & (key == thr)
-        rank = n_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
-        sel = eq & (rank < need - n_gt)
-        tl.store(out_ptr + t * stride_ot + above + n_gt + rank,
-                 tl.load(cidx_ptr + t * stride_ct + c0 + offs, mask=sel), mask=sel)
-        n_eq += tl.sum(eq.to(tl.int32), axis=0)
+        key, idx = tl.load(ckey + c0 + offs, mask=m, other=-2147483648), tl.load(cidx + c0 + offs, mask=m, other=0)
+        sel = m & ((key > thr) | ((key == thr) & (idx <= last)))
+        tl.store(out_ptr + t * stride_ot + n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1, idx, mask=sel)
+        n_out += tl.sum(sel.to(tl.int32), axis=0)
     pad = tl.arange(0, KPAD)
     tl.store(out_ptr + t * stride_ot + pad, tl.full([KPAD], -1, tl.int32),
              mask=(pad >= tl.minimum(K, total)) & (pad < K))
@@ -324,7 +336,7 @@ def _topk_row_kernel(logit_ptr, nk_ptr, out_ptr, K, W, stride_lt, stride_ot, BLO
     thr = _kth_key(key, valid, need)
     gt = valid & (key > thr)  # all taken
     n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    eq = valid & (key == thr)  # ties at the k-th key: the first need - n_gt of them
+    eq = valid & (key == thr)  # ties at the k-th key: the need - n_gt lowest ids
     rank = tl.cumsum(eq.to(tl.int32), axis=0) - 1
     pos = tl.where(gt, tl.cumsum(gt.to(tl.int32), axis=0) - 1, n_gt + rank)
     tl.store(out_ptr + t * stride_ot + pos, offs, mask=gt | (eq & (rank < need - n_gt)))
@@ -363,8 +375,10 @@ def indexer_scores(q, w, keys, key_scale, block_table, n_keys, ws=None):
     N = block_table.shape[1] * E
     logits = torch.empty(T, N, dtype=torch.float32, device=q.device)
     # ~4 programs per SM (4 warps, low registers), each walking a contiguous share of its row's live pages
-    ns = max(1, min(block_table.shape[1], 4 * _num_sms(q.device) // T))
+    ns = max(1, min(block_table.shape[1], 4 * _num_sms(q.device) // max(T, 1)))
     mm = torch.empty(T, ns, 2, dtype=torch.float32, device=q.device)
+    if T == 0:
+        return logits, mm
     meta = {"num_warps": 4, "CHUNK": 4} if INTERPRET else {}
     ks = key_scale if key_scale is not None else logits  # dummy pointer when HAS_SCALE is off
     _indexer_score_kernel[(T, ns)](
@@ -387,6 +401,8 @@ def topk_select(logits, mm, n_keys, k, ws=None):
         ws = torch.zeros(T, HIST_BINS + 2, dtype=torch.int32, device=logits.device)
     hist, ctr = ws[:, :HIST_BINS], ws[:, HIST_BINS:]
     out = torch.empty(T, k, dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return out
     cand = torch.empty(2, T, N, dtype=torch.int32, device=logits.device)  # ids and keys of the threshold bin
     blk = 256 if INTERPRET else 4096
     nsp = triton.next_power_of_2(ns)
@@ -400,16 +416,30 @@ def topk_select(logits, mm, n_keys, k, ws=None):
     return out
 
 
+def topk_select_ref(logits, mm, n_keys, k, ws=None):
+    return topk_row_ref(logits, n_keys, k)
+
+
 def topk_row(logits, n_keys, k):
     """topk_select for rows of at most 32,768 logits, one register-resident program per row."""
     T, N = logits.shape
     _check(N <= 32768, f"topk_row takes rows of at most 32768 logits, got {N}")
     out = torch.empty(T, k, dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return out
     block = max(triton.next_power_of_2(N), 16)
     # 8 warps from 4K entries: measured best for 4K-16K rows on H200 (4 warps only at <= 2K)
     _topk_row_kernel[(T,)](logits, n_keys, out, k, N, logits.stride(0), out.stride(0), BLOCK=block,
                            KPAD=triton.next_power_of_2(k), num_warps=4 if block <= 2048 else 8)
     return out
+
+
+def topk_row_ref(logits, n_keys, k):
+    """Ids of the k largest of each row's first n_keys[t] logits, -1 padded; of equal logits the lower id wins."""
+    hidden = torch.arange(logits.shape[1], device=logits.device)[None] >= n_keys[:, None]
+    idx = torch.sort(logits.masked_fill(hidden, -math.inf), dim=-1, descending=True, stable=True).indices[:, :k]
+    idx = torch.where(hidden.gather(1, idx), -1, idx).to(torch.int32)
+    return torch.nn.functional.pad(idx, (0, k - idx.shape[1]), value=-1)  # [T, k]
 
 
 # Rows up to this many candidates (32K tokens) take topk_row. Measured against the histogram chain, H200,
@@ -444,10 +474,7 @@ def indexer_scores_ref(q, w, keys, key_scale, block_table, n_keys):
 
 
 def indexer_topk_ref(q, w, keys, key_scale, block_table, n_keys, k):
-    score = indexer_scores_ref(q, w, keys, key_scale, block_table, n_keys)
-    idx = score.topk(min(k, score.shape[1]), dim=-1).indices
-    idx = torch.where(idx >= n_keys[:, None], -1, idx).to(torch.int32)
-    return torch.nn.functional.pad(idx, (0, k - idx.shape[1]), value=-1)
+    return topk_row_ref(indexer_scores_ref(q, w, keys, key_scale, block_table, n_keys), n_keys, k)
 
 
 # ====================================================================== 2./3. sparse and HCA attention
@@ -640,6 +667,8 @@ def _attn(q, kv_pool, idx, n_idx, sink, scale, win, win_idx, num_splits):
     L, LW = idx.shape[1], win_idx.shape[1] if win is not None else 0
     win, win_idx = (win, win_idx) if win is not None else (kv_pool, idx)  # dummies when LW = 0
     o = torch.empty_like(q)
+    if T == 0:
+        return o
     n_units = max(1, triton.cdiv(L + LW, ATTN_UNIT))
     ns = min(num_splits or _pick_splits(T, n_units, _num_sms(q.device)), n_units)
     rows = triton.cdiv(n_units, ns) * ATTN_UNIT  # rows per split
@@ -709,6 +738,7 @@ def sparse_attn_paged_ref(q, kv_pool, idx, sink, scale, win=None, win_idx=None):
     s = torch.einsum("thd,tkd->thk", q.float(), ent) * scale  # [T,H,K]
     s = s.masked_fill(~valid[:, None, :], -math.inf)
     mx = s.amax(-1, keepdim=True)
+    mx = mx.masked_fill(mx == -math.inf, 0.0)  # no visible key: an empty sum over (0 + exp(sink)) is 0, not NaN
     p = torch.exp(s - mx)
     denom = p.sum(-1, keepdim=True) + torch.exp(sink.float()[:, None] - mx)
     return (torch.einsum("thk,tkd->thd", p, ent) / denom).to(q.dtype)  # [T,H,D]
@@ -865,6 +895,8 @@ def moe_grouped_gemm(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=
            f"w_scale must be contiguous e8m0 [{E}, {N}, {K // 32}], got {tuple(w_scale.shape)}")
     _check(tile_expert.dim() == 1 and tile_expert.dtype == torch.int32 and M % max(1, tile_expert.numel()) == 0,
            f"tile_expert must be int32 [M / BLOCK_M], got {tuple(tile_expert.shape)} for M = {M}")
+    if M == 0:
+        return torch.empty(0, N, dtype=out_dtype, device=x.device)
     block_m = M // tile_expert.numel()
     _check(block_m in (16, 32, 64, 128), f"BLOCK_M = M / len(tile_expert) must be 16..128, got {block_m}")
     w8, s8 = w.view(torch.uint8), w_scale.view(torch.uint8)
@@ -880,7 +912,8 @@ def moe_grouped_gemm(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=
 def moe_grouped_gemm_ref(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=None, prequant=False,
                          meta=None):
     wf = mxfp4_ref(w, w_scale)  # [E, N, K]
-    xq = fp8_roundtrip_ref(x).view(tile_expert.numel(), -1, x.shape[1])  # [tiles, BLOCK_M, K]
+    n_t = tile_expert.numel()
+    xq = fp8_roundtrip_ref(x).view(n_t, x.shape[0] // max(n_t, 1), x.shape[1])  # [tiles, BLOCK_M, K]
     y = torch.zeros(xq.shape[0], xq.shape[1], w.shape[1], device=x.device)
     for t, e in enumerate(tile_expert.tolist()):
         if e >= 0:
@@ -913,6 +946,8 @@ def act_quant(x, bf16_out=False):
     M, K = x.shape
     q = torch.empty(M, K, dtype=torch.bfloat16 if bf16_out else torch.float8_e4m3fn, device=x.device)
     s = torch.empty(M, K // 128, dtype=torch.float32, device=x.device)
+    if M == 0:  # zero tokens: empty outputs and no launch, as in every wrapper (a GPU launch cannot take the
+        return q, s  # null pointer of an empty tensor)
     _act_quant_kernel[(triton.cdiv(M, 32), K // 128)](x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0),
                                                       BLOCK_M=32, BLOCK_K=128, BF16_OUT=bf16_out, UPCAST=INTERPRET,
                                                       num_warps=4)
@@ -980,6 +1015,8 @@ def fp8_gemm(x, w, w_scale, out_dtype=torch.bfloat16, meta=None):
     q, s = act_quant(x.contiguous())
     s8 = w_scale.view(torch.uint8)
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    if M == 0:
+        return y
     # Chosen from a measured handful (KERNEL_NOTES.md): 128x128 tiles, 8 warps for M >= 128 (one WGMMA pair per
     # warpgroup). Small M streams the weight: narrow N tiles (32 wide up to N = 8192) so >= 128 programs keep
     # enough bytes in flight, 6 stages; 16-row tiles at M <= 16 (1.5x faster than 128-wide tiles at M = 1).
@@ -1054,7 +1091,7 @@ def _compress_pool_kernel(a_ptr, z_ptr, kvs_ptr, ss_ptr, r_ptr, w_ptr, cos_ptr, 
         mx = new
     # cast to the activation dtype first, as the reference does, then RMSNorm in fp32 and cast again
     dt = e_ptr.dtype.element_ty
-    x = _cast(tl.where(c_ok, acc / l, 0.0), dt, RTNE).to(tl.float32)
+    x = _cast(acc / tl.where(c_ok, l, 1.0), dt, RTNE).to(tl.float32)  # padded channels: acc = l = 0, no 0/0
     w = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0)
     y = _cast(x * tl.rsqrt(tl.sum(x * x, 0) / C + eps) * w, dt, RTNE).to(tl.float32)
     # interleaved RoPE on the trailing 2*HALF_R dims: view the row as (re, im) pairs; other pairs get cos 1, sin 0
@@ -1080,6 +1117,8 @@ def compress_pool(a, z, kv_state, score_state, r, ratio, norm_w, eps, cos, sin, 
            f"cos/sin [B,{nb},R/2] and integer r [B], got a {tuple(a.shape)}, state {tuple(kv_state.shape)}, "
            f"cos {tuple(cos.shape)}, r {tuple(r.shape)}")
     e = torch.empty(B, nb, c, dtype=out_dtype, device=a.device)
+    if B * S == 0:  # no new token completes no block (r < ratio): every entry 0, no launch
+        return e.zero_()
     BLOCK_C = triton.next_power_of_2(c)
     # rows per step: all 8 for m = 4; for m = 128 bounded so a chunk of a and z stays ~8K fp32 values each
     BLOCK_R = min(triton.next_power_of_2((1 + o) * ratio), max(1, 8192 // BLOCK_C))
@@ -1101,6 +1140,8 @@ def compress_pool_ref(a, z, kv_state, score_state, r, ratio, norm_w, eps, cos, s
     pooled = torch.zeros(B, nb, c, device=a.device)
     for b in range(B):
         rb, n = int(r[b]), (int(r[b]) + S) // m
+        if n == 0:  # no complete block (S = 0, say): its entries stay 0
+            continue
         carried = i < rb
         srow, trow = (o * m + i).clamp(0, kv_state.shape[1] - 1), (i - rb).clamp(0, S - 1)
         val = torch.where(carried, kv_state[b][srow, ch], a[b][trow, ch])  # [nb,(1+o)m,c]
@@ -1184,6 +1225,9 @@ def hc_pre(X, fn, scale, base, norm_eps, hc_eps, iters, splits=None):
            f"need n a power of two, n*d % {BLOCK_K} == 0 and iters >= 1, got n={n}, d={d}, iters={iters}")
     _check(fn.shape == (mix, K) and fn.is_contiguous() and scale.shape == (3,) and base.shape == (mix,) and fn.dtype
            == scale.dtype == base.dtype == torch.float32, f"fn, scale, base must be fp32 [{mix}, {K}], [3], [{mix}]")
+    u, post, comb = X.new_empty(N, d), X.new_empty(N, n, dtype=torch.float32), X.new_empty(N, n, n, dtype=torch.float32)
+    if N == 0:
+        return u, post, comb
     # 16 tokens (tl.dot's minimum) for decode; 64 (a wgmma / tcgen05 M) once 64-row tiles fill a few waves:
     # every tile re-reads fn (1.5 MiB) from L2, and 16-row tiles use the slower mma.sync
     BLOCK_T = 64 if N >= 8 * _num_sms(X.device) else 16
@@ -1194,12 +1238,24 @@ def hc_pre(X, fn, scale, base, norm_eps, hc_eps, iters, splits=None):
     ws = X.new_empty(splits, N, triton.next_power_of_2(mix + 1), dtype=torch.float32)  # [SPLITS, N, BLOCK_M]
     _hc_mix_kernel[(tiles, splits)](X, fn, ws, N, K // splits, X.stride(0), fn.stride(0), ws.stride(0), ws.stride(1),
                                     MIX=mix, BLOCK_T=BLOCK_T, BLOCK_M=ws.shape[2], BLOCK_K=BLOCK_K, num_warps=4)
-    u, post, comb = X.new_empty(N, d), X.new_empty(N, n, dtype=torch.float32), X.new_empty(N, n, n, dtype=torch.float32)
     _hc_pre_kernel[(N, triton.cdiv(d, 512))](ws, X, scale, base, u, post, comb, d, splits, iters, ws.stride(0), ws.stride(1),
                          X.stride(0), u.stride(0), norm_eps, hc_eps, HC=n, MIX=mix,
                          BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=512, num_warps=1)  # one warp: the
     # [n, n] Sinkhorn reductions then stay in shuffles, with no block-wide barrier in each of the 40 steps
     return u, post, comb
+
+
+def hc_pre_ref(X, fn, scale, base, norm_eps, hc_eps, iters, splits=None):
+    n, x = X.shape[1], X.flatten(1).float()  # [N, n*d]
+    mu = (x @ fn.T) * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)  # [N, (2+n)n] mixing logits
+    pre = torch.sigmoid(mu[:, :n] * scale[0] + base[:n]) + hc_eps
+    post = 2 * torch.sigmoid(mu[:, n:2 * n] * scale[1] + base[n:2 * n])
+    c = (mu[:, 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n)).softmax(-1) + hc_eps  # [N, n, n]
+    c = c / (c.sum(-2, keepdim=True) + hc_eps)  # Sinkhorn: columns, then iters-1 rounds of rows and columns
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdim=True) + hc_eps)
+        c = c / (c.sum(-2, keepdim=True) + hc_eps)
+    return (pre[..., None] * X.float()).sum(1).to(X.dtype), post, c
 
 
 @triton.jit
@@ -1225,6 +1281,13 @@ def hc_post(f, X, post, comb):
            comb.is_contiguous() and post.dtype == comb.dtype == torch.float32,
            f"need n a power of two and contiguous fp32 post [{N}, {n}], comb [{N}, {n}, {n}]")
     y, BLOCK_D = f.new_empty(N, n, d), 128  # [n, n, 128] fp32 product: 16 a thread at 4 warps; 32 programs a token
+    if N == 0:
+        return y
     _hc_post_kernel[(N, triton.cdiv(d, BLOCK_D))](f, X, post, comb, y, d, f.stride(0), X.stride(0), y.stride(0),
                                                   HC=n, BLOCK_D=BLOCK_D, num_warps=4)
     return y
+
+
+def hc_post_ref(f, X, post, comb):
+    y = post[..., None] * f[:, None].float() + torch.einsum("tjk,tjd->tkd", comb, X.float())  # [N, n, d]
+    return y.to(f.dtype)

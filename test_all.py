@@ -1161,22 +1161,31 @@ def rel_err(a, b) -> float:
 
 
 def row_range(logits, n_keys):
-    """(max, min) of each row's visible logits as topk_select takes them: [T, 1, 2]."""
-    return torch.stack([torch.stack([r[:n].max(), r[:n].min()]) for r, n in zip(logits, n_keys.tolist())])[:, None]
+    """(max, min) of each row's visible logits as topk_select takes them: [T, 1, 2]; (-inf, inf) if none."""
+    hidden = torch.arange(logits.shape[1], device=logits.device)[None] >= n_keys[:, None]
+    return torch.stack([logits.masked_fill(hidden, -math.inf).amax(1), logits.masked_fill(hidden, math.inf).amin(1)],
+                       -1)[:, None]
+
+
+def assert_same_ids(idx, ref):
+    """Row by row the same ids, in any order, and the same -1 padding."""
+    assert idx.shape == ref.shape and idx.dtype == ref.dtype == torch.int32
+    bad = (idx.sort(-1).values != ref.sort(-1).values).any(-1).nonzero().flatten().tolist()
+    assert not bad, f"rows {bad}: the selected ids differ"
 
 
 def assert_topk(idx, score, n_keys, k, tol, exact_set=False):
     """idx holds, per row, min(k, n) distinct visible ids whose scores are the top-k scores (up to tol:
-    ties and near-ties may pick different ids), then -1s."""
+    near-ties may pick different ids), then -1s; exact_set: exactly the reference's ids (ties: lower id wins)."""
     for t in range(idx.shape[0]):
         n = int(n_keys[t])
         got = idx[t][idx[t] >= 0].long()
         assert got.numel() == min(k, n) and (idx[t][got.numel():] == -1).all(), f"row {t}: bad count/padding"
         assert got.unique().numel() == got.numel() and (got < n).all(), f"row {t}: duplicate or invisible id"
-        ref = score[t, :n].topk(min(k, n))
-        assert (score[t, got].sort(descending=True).values - ref.values).abs().max() <= tol, f"row {t}"
-        if exact_set:
-            assert set(got.tolist()) == set(ref.indices.tolist()), f"row {t}: sets differ"
+        ref = score[t, :n].topk(min(k, n)).values
+        assert ((score[t, got].sort(descending=True).values - ref).abs() <= tol).all(), f"row {t}"
+    if exact_set:
+        assert_same_ids(idx, kernels.topk_row_ref(score, n_keys, k))
 
 
 def indexer_inputs(T, HI, CI, E, P, n_keys, qdtype, kdtype, scaled, seed):
@@ -1229,6 +1238,68 @@ def test_indexer_topk_matches_reference(qdt, kdt, scaled, row_path, monkeypatch)
 
 
 @needs_triton
+@pytest.mark.parametrize("row_path", [True, False])
+def test_indexer_topk_ties_go_to_the_lower_id(row_path, monkeypatch):
+    """Four live index heads (the MMA wants >= 16: the others weigh 0) with negative weights: every entry whose
+    four ReLUs are all 0 scores exactly -0.0, the row's maximum, so the cut falls among ties and the lower
+    entry ids must win, through both top-k paths; an empty row gives all -1."""
+    monkeypatch.setattr(kernels, "TOPK_ROW_MAX", 32768 if row_path else 0)
+    T, HI, CI, E, P, k, n_keys = (4, 64, 128, 64, 300, 128, [0, 5, 3001, 9000]) if GPU else \
+        (4, 16, 32, 16, 40, 8, [0, 5, 300, 477])
+    q, w, keys, ks, bt, nk = indexer_inputs(T, HI, CI, E, P, n_keys, torch.bfloat16, torch.bfloat16, True, seed=14)
+    w = torch.where(torch.arange(HI, device=DEV) < 4, -w.abs(), 0.0)
+    ref_score = kernels.indexer_scores_ref(q, w, keys, ks, bt, nk)
+    assert all(int((ref_score[t] == 0).sum()) > k for t in (2, 3))  # more ties at the top than places
+    ref = kernels.indexer_topk_ref(q, w, keys, ks, bt, nk, k)
+    assert (ref[0] == -1).all() and (ref[1, 5:] == -1).all()
+    assert_same_ids(kernels.indexer_topk(q, w, keys, ks, bt, nk, k), ref)
+
+
+def topk_logits(case, T, N, k, g):
+    """[T, N] logits: continuous ("random"), or ("zeros") about k/2 positive scores and exact zeros of both signs
+    (ReLU zeros times a signed head weight), so every row's cut falls inside a run of ties."""
+    if case == "random":
+        return torch.randn(T, N, generator=g)
+    zero = torch.where(torch.rand(T, N, generator=g) < 0.5, 0.0, -0.0)
+    return torch.where(torch.rand(T, N, generator=g) < k / (2 * N), 1 + torch.rand(T, N, generator=g), zero)
+
+
+class ReversedCandidates:
+    """Stands in for _topk_select2_kernel and reverses each row's threshold-bin candidates before it runs: on a
+    GPU select1's atomics leave them in any order, the interpreter in index order."""
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(hist, ctr, cidx, ckey, *args, **kw):
+            for t, n in enumerate(ctr[:, 1].tolist()):
+                cidx[t, :n], ckey[t, :n] = cidx[t, :n].flip(0), ckey[t, :n].flip(0)
+            return self.kernel[grid](hist, ctr, cidx, ckey, *args, **kw)
+        return launch
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["random", "zeros"])
+def test_topk_kernels_match_references(case, monkeypatch):
+    """topk_select (the histogram chain; its candidates also in reverse order) and topk_row give exactly their
+    reference's ids, ties to the lower id: full rows (the zeros make the threshold bin crowded: its streamed
+    path), a row that fits select2's register tile, a row shorter than k and an empty row (all -1)."""
+    T, N, k, cap = (5, 40000, 512, 2048) if GPU else (5, 1199, 64, 256)
+    logits = topk_logits(case, T, N, k, torch.Generator().manual_seed(20)).to(DEV)
+    nk = torch.tensor([N, N - 77, cap - 37, k // 2, 0], dtype=torch.int32, device=DEV)
+    ref = kernels.topk_select_ref(logits, None, nk, k)
+    assert_same_ids(kernels.topk_select(logits, row_range(logits, nk), nk, k), ref)
+    monkeypatch.setattr(kernels, "_topk_select2_kernel", ReversedCandidates(kernels._topk_select2_kernel))
+    assert_same_ids(kernels.topk_select(logits, row_range(logits, nk), nk, k), ref)
+    monkeypatch.undo()
+    assert_same_ids(kernels.topk_row(logits, nk, k), kernels.topk_row_ref(logits, nk, k))
+    assert torch.equal(kernels.topk_row_ref(logits, nk, k), ref) and (ref[-1] == -1).all()
+    if case == "zeros":  # the rows really hold more ties at the cut than places for them
+        assert all(int((logits[t, :n] == 0).sum()) > k - int((logits[t, :n] > 0).sum()) > 0 for t, n in
+                   enumerate(nk[:3].tolist()))
+
+
+@needs_triton
 @pytest.mark.parametrize("case", ["crowded_bin", "ties"])
 def test_topk_select_crowded_bin_and_ties(case):
     """A threshold bin larger than select2's register tile (its streaming path), and exact ties; the same
@@ -1242,11 +1313,11 @@ def test_topk_select_crowded_bin_and_ties(case):
         logits = torch.randint(0, 16, (T, N), generator=g).float() - 7.5
     logits, nk = logits.to(DEV), torch.tensor([N, N - 77], dtype=torch.int32, device=DEV)
     idx = kernels.topk_select(logits, row_range(logits, nk), nk, k)
-    assert_topk(idx, logits, nk, k, tol=0.0)
+    assert_topk(idx, logits, nk, k, tol=0.0, exact_set=True)
     lr, nr = logits[:, :32768], nk.clamp(max=32768)  # the register-resident path holds up to 32K a row
-    assert_topk(kernels.topk_row(lr, nr, k), lr, nr, k, tol=0.0)
+    assert_topk(kernels.topk_row(lr, nr, k), lr, nr, k, tol=0.0, exact_set=True)
     short = torch.tensor([N, k // 2], dtype=torch.int32, device=DEV).clamp(max=32768)  # fewer entries than k
-    assert_topk(kernels.topk_row(lr, short, k), lr, short, k, tol=0.0)
+    assert_topk(kernels.topk_row(lr, short, k), lr, short, k, tol=0.0, exact_set=True)
 
 
 # ------------------------------------------------------------------------------- 2./3. attention
@@ -1273,15 +1344,18 @@ def test_sparse_attn_paged_matches_reference(T, H, D, N, L, splits, with_win, pa
     if packed:  # rows on the FP8 grid (as quant_kv leaves them), stored packed: dequantized inside the kernel
         kv = mxfp4.pack_kv(quant_kv(kv, 64), 64)
     idx[0, 1:] = -1  # a query with a single real key (plus its window, if any)
+    idx[-1] = -1  # and one with none: an empty sum over (0 + exp(sink)), exactly 0
     win = win_idx = None
     if with_win:  # a second source, e.g. this call's window rows: [T*W', D] rows, W' per token
         _, win, win_idx, _ = attn_inputs(T, H, D, 128 if GPU else 12, 128 if GPU else 12, seed=6)
+        win_idx[-1] = -1
     scale = D ** -0.5
     ref = kernels.sparse_attn_paged_ref(q, kv, idx, sink, scale, win, win_idx)
     out = kernels.sparse_attn_paged(q, kv, idx, sink, scale, win, win_idx, num_splits=splits)
     # bf16 inputs and output, fp32 softmax/accumulation; split partials are rounded to bf16 once more
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel_err(out, ref) < 1.5e-2
+    assert (out[-1] == 0).all() and (ref[-1] == 0).all()
 
 
 def test_paged_reference_matches_attention_sparse_attn():
@@ -1303,13 +1377,14 @@ def test_paged_reference_matches_attention_sparse_attn():
 @needs_triton
 @pytest.mark.parametrize("splits", [1, 4, None])
 def test_hca_attn_matches_reference(splits):
-    T, H, D, N, L = (2, 64, 512, 12000, 8320) if GPU else (3, 16, 128, 100, 64)
+    T, H, D, N, L = (4, 64, 512, 12000, 8320) if GPU else (4, 16, 128, 100, 64)
     q, kv, idx, sink = attn_inputs(T, H, D, N, L, seed=5)
     rows = idx.clamp(min=0)  # HCA lists are dense; entries past n_rows hold stale ids that must be ignored
-    n_rows = torch.tensor([L, L // 2 + 3, 7][:T], dtype=torch.int32, device=DEV)
+    n_rows = torch.tensor([L, L // 2 + 3, 7, 0], dtype=torch.int32, device=DEV)  # the last sees no row: output 0
     ref = kernels.hca_attn_ref(q, kv, rows, n_rows, sink, D ** -0.5)
     out = kernels.hca_attn(q, kv, rows, n_rows, sink, D ** -0.5, num_splits=splits)
     assert rel_err(out, ref) < 1.5e-2  # as above: bf16 in/out, fp32 softmax
+    assert (out[-1] == 0).all() and (ref[-1] == 0).all()
 
 
 # ----------------------------------------------------------------------------- sm_100 code generation
@@ -1503,7 +1578,15 @@ for kern, types, consts in (  # no MMA inside these: they must compile
          dict(HC=4, BLOCK_D=128)),
         (kernels._compress_pool_kernel, dict(a_ptr="*fp32", z_ptr="*fp32", kvs_ptr="*fp32", ss_ptr="*fp32", r_ptr="*i64",
                                              w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", e_ptr="*bf16", eps="fp32"),
-         dict(M=4, OVERLAP=1, HALF_R=32, BLOCK_R=8, BLOCK_C=512, RTNE=False))):
+         dict(M=4, OVERLAP=1, HALF_R=32, BLOCK_R=8, BLOCK_C=512, RTNE=False)),
+        (kernels._hist_kernel, dict(logit_ptr="*fp32", mm_ptr="*fp32", nk_ptr="*i32", hist_ptr="*i32"),
+         dict(NS_PAD=8, BLOCK=4096)),
+        (kernels._topk_select1_kernel, dict(logit_ptr="*fp32", mm_ptr="*fp32", hist_ptr="*i32", nk_ptr="*i32",
+                                            out_ptr="*i32", ctr_ptr="*i32", cidx_ptr="*i32", ckey_ptr="*i32"),
+         dict(NS_PAD=8, BLOCK=4096)),
+        (kernels._topk_select2_kernel, dict(hist_ptr="*i32", ctr_ptr="*i32", cidx_ptr="*i32", ckey_ptr="*i32",
+                                            out_ptr="*i32"), dict(KPAD=512, CAP=2048)),
+        (kernels._topk_row_kernel, dict(logit_ptr="*fp32", nk_ptr="*i32", out_ptr="*i32"), dict(BLOCK=8192, KPAD=512))):
     print(kern.fn.__name__ if hasattr(kern, "fn") else kern.__name__, ".visible .entry" in ptx(kern, types, consts, 4, 1))
 """
 
@@ -1513,12 +1596,13 @@ def test_sm100_ptx_block_scaled_gemms():
     """sm_100 code generation: dot_scaled e4m3 x e2m1 -> tcgen05 block-scaled MMA (mxf8f6f4); bf16 x e2m1
     (the Hopper path) -> bf16 tcgen05 after the compiler's upcast; the FP8 GEMM -> f8f6f4 tcgen05; the mHC
     mixing GEMM (64-token tiles, tf32x3) -> tf32 tcgen05 (decode's 16-token tiles are below tcgen05's M = 64
-    and use mma.sync); the mHC and compressor kernels without an MMA compile."""
+    and use mma.sync); the mHC, compressor and top-k kernels without an MMA compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SM100_GEMM_SCRIPT], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    for line in ("moe_scaled", "moe_bf16", "fp8", "hc_mix", "_hc_pre_kernel", "_hc_post_kernel", "_compress_pool_kernel"):
+    for line in ("moe_scaled", "moe_bf16", "fp8", "hc_mix", "_hc_pre_kernel", "_hc_post_kernel", "_compress_pool_kernel",
+                 "_hist_kernel", "_topk_select1_kernel", "_topk_select2_kernel", "_topk_row_kernel"):
         assert f"{line} True" in r.stdout, r.stdout
 
 
@@ -1535,9 +1619,12 @@ def pool_inputs(B, S, m, c, R, rs, g, fresh_prev=False):
 
 
 # (ratio, S, c, R, r per sequence): S = 130 with r = 127 spans two m = 128 blocks; c = 128 streams m = 128 in
-# two 64-row chunks; c = 2048 makes the m = 4 chunks 4 rows, so an absent previous block is an all -inf chunk
+# two 64-row chunks; c = 2048 makes the m = 4 chunks 4 rows, so an absent previous block is an all -inf chunk;
+# c = 96 and 160 are not powers of two: masked channels in the pooling, the norm and the RoPE pairs
 POOL_CASES = [(4, 1, 64, 16, [0, 3, 2]), (4, 3, 128, 64, [1, 2, 0]), (4, 9, 64, 16, [3, 0, 1]),
-              (4, 3, 2048, 64, [1, 3]), (128, 1, 64, 16, [127, 0, 5]), (128, 130, 128, 64, [0, 127, 64])]
+              (4, 3, 2048, 64, [1, 3]), (128, 1, 64, 16, [127, 0, 5]), (128, 130, 128, 64, [0, 127, 64]),
+              (4, 6, 96, 32, [2, 0, 3]), (4, 5, 160, 64, [3, 1]), (128, 129, 96, 32, [0, 127]),
+              (128, 2, 160, 64, [127, 5, 126])]
 
 
 @needs_triton
@@ -1660,6 +1747,73 @@ def test_hc_kernels_odd_width_and_bad_input(hc_block, monkeypatch):
                       (lambda: kernels.hc_post(X[:, 0, :8], X, torch.ones(2, 4), torch.ones(2, 4, 4)), "f \\[N, d\\]")):
         with pytest.raises(ValueError, match=msg):
             call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hc_references_match_the_block(hc_block, dtype, monkeypatch):
+    """hc_pre_ref / hc_post_ref are model.Block.hc_pre / hc_post (torch path) on flattened [1, N, 4, d] streams."""
+    monkeypatch.setenv("V4_NO_KERNELS", "1")
+    g, a = torch.Generator().manual_seed(21), hc_block.args
+    Xb = torch.randn(1, 6, 4, a.dim, generator=g).to(DEV, dtype)
+    f = torch.randn(1, 6, a.dim, generator=g).to(DEV, dtype)
+    refs = hc_block.hc_pre(Xb, "attn")
+    outs = kernels.hc_pre_ref(Xb.flatten(0, 1), hc_block.hc_attn_fn, hc_block.hc_attn_scale, hc_block.hc_attn_base,
+                              a.norm_eps, a.hc_eps, a.hc_sinkhorn_iters)
+    for out, ref in zip(outs, refs):  # the same torch ops in the same order
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out, ref.flatten(0, 1), atol=0, rtol=0)
+    y = kernels.hc_post_ref(f.flatten(0, 1), Xb.flatten(0, 1), outs[1], outs[2])
+    torch.testing.assert_close(y, hc_block.hc_post(f, Xb, refs[1], refs[2]).flatten(0, 1), atol=0, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("n,d,N", [(4, 256, 7), (2, 192, 3), (8, 64, 2)])
+def test_hc_kernels_match_references(n, d, N):
+    """hc_pre / hc_post against their references on fresh random weights, n streams of width d."""
+    g = torch.Generator().manual_seed(n * d + N)
+    rnd = lambda *sh: torch.randn(*sh, generator=g).to(DEV)  # noqa: E731
+    mix = (2 + n) * n
+    X, f, fn = rnd(N, n, d), rnd(N, d), rnd(mix, n * d) * (n * d) ** -0.5
+    args = (fn, 1 + 0.1 * rnd(3), 0.5 * rnd(mix), 1e-6, 1e-6, 20)
+    for out, ref in zip(kernels.hc_pre(X, *args), kernels.hc_pre_ref(X, *args)):
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        assert rel_err(out, ref) < 1e-5  # fp32, summation order only (as above)
+    post, comb = torch.rand(N, n, generator=g).to(DEV) * 2, torch.rand(N, n, n, generator=g).to(DEV)
+    assert rel_err(kernels.hc_post(f, X, post, comb), kernels.hc_post_ref(f, X, post, comb)) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ zero tokens
+@needs_triton
+def test_zero_tokens_give_the_references_empty_outputs_without_a_launch(monkeypatch):
+    """Zero tokens (and compressor calls with no new token): each wrapper returns what its reference returns
+    (empty tensors of the right shapes and dtypes; all-zero entries) and launches nothing: every kernel is
+    replaced by None, so a launch would raise."""
+    g = torch.Generator().manual_seed(30)
+    rnd = lambda *sh: torch.randn(*sh, generator=g).to(DEV)  # noqa: E731
+    n, d = 4, 256
+    wq, ws = (t.to(DEV) for t in mxfp4.fp8_block_quantize(torch.randn(200, 256, generator=g) * 0.05))
+    q, kv, idx, sink = attn_inputs(0, 16, 128, 50, 24, seed=31)
+    cases = [("hc_pre", (rnd(0, n, d), rnd(24, n * d), 1 + 0.1 * rnd(3), rnd(24), 1e-6, 1e-6, 20)),
+             ("hc_post", (rnd(0, d), rnd(0, n, d), rnd(0, n), rnd(0, n, n))),
+             ("act_quant", (rnd(0, 256).bfloat16(),)),
+             ("fp8_gemm", (rnd(0, 256).bfloat16(), wq, ws)),
+             ("sparse_attn_paged", (q, kv, idx, sink, 0.1)),
+             ("hca_attn", (q, kv, idx.clamp(min=0), torch.zeros(0, dtype=torch.int32, device=DEV), sink, 0.1))]
+    cases += [("compress_pool", (*pool_inputs(2, 0, m, 64, 16, [0, m - 1], g), torch.bfloat16)) for m in (4, 128)]
+    nk, logits = torch.zeros(0, dtype=torch.int32, device=DEV), rnd(0, 50)
+    cases += [("indexer_topk", (rnd(0, 16, 32).bfloat16(), rnd(0, 16), rnd(6, 16, 32).bfloat16(), None,
+                                torch.zeros(0, 3, dtype=torch.int32, device=DEV), nk, 8)),
+              ("topk_select", (logits, rnd(0, 1, 2), nk, 8)), ("topk_row", (logits, nk, 8)),
+              ("moe_grouped_gemm", (rnd(0, 256).bfloat16(), *mxfp4_experts(3, 32, 256, seed=32),
+                                    torch.zeros(0, dtype=torch.int32, device=DEV)))]
+    refs = [getattr(kernels, name + "_ref")(*args) for name, args in cases]
+    for name in dir(kernels):
+        if name.startswith("_") and name.endswith("_kernel"):
+            monkeypatch.setattr(kernels, name, None)
+    for (name, args), ref in zip(cases, refs):
+        out = getattr(kernels, name)(*args)
+        for o, r in zip(*((t,) if torch.is_tensor(t) else t for t in (out, ref))):
+            assert o.shape == r.shape and o.dtype == r.dtype and torch.equal(o.float(), r.float()), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
