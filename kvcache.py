@@ -368,7 +368,8 @@ class Engine:
         eos = s.max_new == 0
         if not eos:
             if not torch.isfinite(logits_row).all():
-                raise FloatingPointError(f"request {s.rid}: the logits at position {s.pos} are NaN or infinite")
+                raise FloatingPointError(f"request {s.rid}: the logits at position {s.pos} are NaN or infinite; the "
+                                         "weights or the numerics are broken")
             tok = self.sampler(logits_row, s.params) if self.sampler else int(logits_row.argmax())
             if self.keep_logits:
                 s.logits.append(logits_row.float().cpu())

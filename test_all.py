@@ -879,6 +879,16 @@ def test_cli_serves_what_fits_and_stops_cleanly(tmp_path):
     assert b"Traceback" not in err
 
 
+def test_readme_commands_run_verbatim():
+    """Every `python generate.py ...` command of the README runs as written from the repository root."""
+    import shlex
+    cmds = re.findall(r"^    (python generate\.py .*)$", open(os.path.join(REPO, "README.md")).read(), re.M)
+    assert len(cmds) >= 3, cmds
+    for c in cmds:
+        r = subprocess.run([sys.executable, *shlex.split(c)[1:]], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "error:" not in r.stderr and r.stdout.strip(), (c, r.stderr[-500:])
+
+
 def test_cli_happy_path(tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("Once upon a time")
