@@ -106,12 +106,16 @@ def pow2(n: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- caches
-def page_rows(table: torch.Tensor, pos: torch.Tensor, page: int, base: int = 0) -> torch.Tensor:
+def page_rows(table: torch.Tensor, pos: torch.Tensor, page: int, base: int = 0, keep=None) -> torch.Tensor:
     """Physical row of logical slot `pos` (window position or compressed entry id) of each sequence:
     base + table[b, (pos // page) % width] * page + pos % page. A one-column table is a ring of `page` rows
-    per sequence; a wide one is a paged block table (unallocated pages, -1, read row 0 and are masked)."""
+    per sequence; a wide one is a paged block table (unallocated pages, -1, read row 0 and are masked).
+    For a write, keep [B,...] says which rows are kept: the others, and rows of unallocated pages, go to -1,
+    every pool's spare last row, which nothing reads (static shapes: no host sync to filter them)."""
     b = torch.arange(table.shape[0], device=pos.device).view(-1, *[1] * (pos.dim() - 1))
-    return base + table[b, (pos // page) % table.shape[1]].clamp(min=0) * page + pos % page
+    entry = table[b, (pos // page) % table.shape[1]]
+    rows = base + entry.clamp(min=0) * page + pos % page
+    return rows if keep is None else torch.where(keep & (entry >= 0), rows, -1)
 
 
 @dataclass
@@ -128,10 +132,14 @@ class LayerCache:
     comp_page: int = 0  # compressed entries per page
     comp_base: int = 0  # row of kv where compressed pages start
     index_keys: torch.Tensor | None = None  # [N_I, c_I], or uint8 [N_I, c_I/2 + c_I/32] MXFP4 rows (kv_store)
-    comp_state: tuple | None = None  # (kv, score) [B, (1+o)m, (1+o)D] fp32; o = 1 when blocks overlap (m = 4)
-    index_state: tuple | None = None  # (kv, score) [B, 8, 2 c_I]
+    comp_state: tuple | None = None  # (kv, score) [slots, (1+o)m, (1+o)D] fp32; o = 1 when blocks overlap (m = 4)
+    index_state: tuple | None = None  # (kv, score) [slots, 8, 2 c_I]
+    slots: torch.Tensor | None = None  # [B] the state rows of this batch (None: rows 0..B-1)
+    n_tok: torch.Tensor | None = None  # [B] real tokens per row; the rest of S pads a batch of chunks
     keep_from: torch.Tensor | None = None  # [B] window positions below this are absent (a replay's start)
     emit_from: torch.Tensor | None = None  # [B] entries below this are already stored and not rewritten
+    carry: tuple | None = None  # CSA: (kv, score, index kv, index score) carry pools [pages + 1, 4, c] fp32
+    carry_pages: torch.Tensor | None = None  # [B, K] carry page for each page boundary the call passes, or -1
     max_pos: int = 1 << 62  # positions this cache can hold
 
 
@@ -143,14 +151,14 @@ def new_compressor_state(batch: int, ratio: int, width: int, device):
 
 
 def kv_pool(args, rows: int, dtype, device, index: bool = False) -> torch.Tensor:
-    """A pool of main-KV rows (or, index=True, of indexer keys). An FP8 model in bf16 stores V4's packed
-    formats (see kv_store); otherwise rows stay in the model dtype (an fp32 model's RoPE dims would lose
-    precision in the layout's bf16)."""
+    """A pool of main-KV rows (or, index=True, of indexer keys), plus one spare row that writes nobody keeps
+    land in (page_rows). An FP8 model in bf16 stores V4's packed formats (see kv_store); otherwise rows stay
+    in the model dtype (an fp32 model's RoPE dims would lose precision in the layout's bf16)."""
     D, R = (args.index_head_dim, 0) if index else (args.head_dim, args.rope_head_dim)
     if args.dtype == "fp8" and dtype == torch.bfloat16 and (D - R) % 64 == 0 and R % 64 == 0 and D % 32 == 0:
         width = D // 2 + D // 32 if index else kv_row_bytes(D, args.rope_head_dim)
-        return torch.zeros(rows, width, dtype=torch.uint8, device=device)
-    return torch.zeros(rows, D, dtype=dtype, device=device)
+        return torch.zeros(rows + 1, width, dtype=torch.uint8, device=device)
+    return torch.zeros(rows + 1, D, dtype=dtype, device=device)
 
 
 def new_layer_cache(args, ratio: int, batch: int, max_seq_len: int, dtype, device) -> LayerCache:
@@ -184,15 +192,22 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(ratio, o * width, dtype=torch.float32))
         self.norm = RMSNorm(width, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state):
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state, slots=None, n_tok=None,
+                carry=None):
         """x [B,S,dim] at positions pos [B,S] (consecutive per sequence) -> (entries [B,n,c'], their ids
         [B,n], valid [B,n]). `state` = (kv, score) carries the previous block (m = 4) and the unfinished
-        block across calls; it is updated in place."""
+        block across calls: rows `slots` [B] of it (rows 0..B-1 without), read and written back here. Row b
+        holds n_tok[b] real tokens (the rest pad a batch of chunks and are ignored). `carry` = (kv, score,
+        pages [B,K], page): the previous block at each page boundary this call passes, written to row
+        pages[b, k] of the carry pools for boundary k (-1: not kept), so a later hit there resumes exactly."""
         B, S, _ = x.shape
         m, c = self.ratio, self.width
-        kv_state, score_state = state
-        a = self.wkv(x.float())  # [B,S,(1+o)c']
-        z = self.wgate(x.float()) + self.ape[pos % m]
+        slots = torch.arange(B, device=x.device) if slots is None else slots
+        kv_state, score_state = state[0][slots], state[1][slots]  # [B,(1+o)m,(1+o)c'] copies
+        n_tok = torch.full((B,), S, device=x.device) if n_tok is None else n_tok
+        real = (torch.arange(S, device=x.device) < n_tok[:, None])[..., None]  # [B,S,1]
+        a = torch.where(real, self.wkv(x.float()), 0.0)  # [B,S,(1+o)c']; padding adds nothing
+        z = torch.where(real, self.wgate(x.float()) + self.ape[pos % m], -math.inf)
         r = pos[:, 0] % m  # tokens of the unfinished block that earlier calls left in the state
         cur = m if self.overlap else 0  # state rows [cur, cur+m): unfinished block; [0, m): previous block
         # Lay each sequence out from the first token of its unfinished block: r carried rows, then the S
@@ -208,14 +223,14 @@ class Compressor(nn.Module):
                             torch.where(fresh[..., None], z[bi, new], -math.inf))
         nb = L // m
         blk_a, blk_z = buf_a.view(B, nb, m, -1), buf_z.view(B, nb, m, -1)  # [B,nb,m,(1+o)c']
-        n = (r + S) // m  # [B] blocks completed by this call
+        n = (r + n_tok) // m  # [B] blocks completed by this call
         k = torch.arange(nb, device=x.device)[None]
         valid = k < n[:, None]  # [B,nb]; the rest are partial or padding
         ids = (pos[:, :1] - r[:, None]) // m + k  # [B,nb] entry ids
         cos, sin = rope_cos_sin(freqs, ids * m)  # each entry is rotated at its block's first position j*m
         if kernels.use_kernels(x.device):  # pooling, norm and RoPE in one kernel; it reads the carry as it was
-            e = kernels.compress_pool(a, z, kv_state.contiguous(), score_state.contiguous(), r, m, self.norm.weight,
-                                      self.norm.eps, cos, sin, x.dtype)
+            e = kernels.compress_pool(a, z, kv_state, score_state, r, m, self.norm.weight, self.norm.eps, cos, sin,
+                                      x.dtype)
         else:
             if self.overlap:  # previous block of block k: the carried one for k = 0, else block k-1
                 prev_a = torch.cat([kv_state[:, None, :m], blk_a[:, :-1]], 1)
@@ -228,6 +243,12 @@ class Compressor(nn.Module):
             pooled = (pool_a * pool_z.softmax(dim=2)).sum(2)  # [B,nb,c']; invalid blocks may be NaN
             pooled = torch.where(valid[..., None], pooled, 0.0)
             e = apply_rope(self.norm(pooled.to(x.dtype)), cos, sin)
+        if carry is not None:  # block kb ends at boundary P: kb = (P - first block start) / m - 1
+            ckv, cscore, pages, page = carry
+            P = (pos[:, :1] // page + 1 + torch.arange(pages.shape[1], device=x.device)) * page  # [B,K]
+            kb = ((P - (pos[:, :1] - r[:, None])) // m - 1).clamp(0, nb - 1)
+            dst = torch.where((P <= pos[:, :1] + n_tok[:, None]) & (pages >= 0), pages, -1)  # -1: the sink row
+            ckv[dst], cscore[dst] = blk_a[bi, kb, :, :c], blk_z[bi, kb, :, :c]  # [B,K,m,c'] previous-block role
         # carry: the last complete block becomes "previous", the leftover tokens the unfinished block
         if self.overlap:
             last = (n - 1).clamp(min=0)
@@ -236,6 +257,7 @@ class Compressor(nn.Module):
             score_state[:, :m] = torch.where(keep, blk_z[bi[:, 0], last], score_state[:, :m])
         tail = n[:, None] * m + torch.arange(m, device=x.device)[None]  # [B,m]
         kv_state[:, cur:cur + m], score_state[:, cur:cur + m] = buf_a[bi, tail], buf_z[bi, tail]
+        state[0][slots], state[1][slots] = kv_state, score_state
         if self.for_indexer:
             e = fp4_roundtrip(hadamard_rotate(e), 32) if self.quant else e
         elif self.quant:
@@ -264,14 +286,15 @@ class Indexer(nn.Module):
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         q = fp4_roundtrip(hadamard_rotate(q), 32) if self.quant else q
         w = self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,S,HI]
-        E, T = cache.comp_page, int(limit.max())
+        E = cache.comp_page
+        T = cache.comp_table.shape[1] * E  # every entry the table can hold: the shape does not follow the context
         if kernels.use_kernels(x.device) and q.dtype == torch.bfloat16 and E % 64 == 0 and pow2(self.n_heads) \
                 and pow2(self.head_dim):
             r = E // 64  # the kernel reads pages of 64 keys: split each page into r of them
             table = (cache.comp_table[:, :, None] * r + torch.arange(r, device=x.device)).flatten(1)  # [B,pages*r]
             return kernels.indexer_topk(  # scores the pages in place, exact top-k over the visible entries
                 q.reshape(B * S, self.n_heads, self.head_dim), w.reshape(B * S, -1).float(),
-                cache.index_keys.view(-1, 64, cache.index_keys.shape[1]), None, table.repeat_interleave(S, 0).int(),
+                cache.index_keys[:-1].view(-1, 64, cache.index_keys.shape[1]), None, table.repeat_interleave(S, 0).int(),
                 limit.reshape(-1).int(), self.topk).view(B, S, -1).long()
         j = torch.arange(T, device=x.device)[None].expand(B, -1)  # [B,T]
         keys = kv_load(cache.index_keys, page_rows(cache.comp_table, j, E), self.head_dim, 0, q.dtype)  # [B,T,c_I]
@@ -285,17 +308,22 @@ class Indexer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- core attention
-def sparse_attn(q, win, win_idx, kv, kv_idx, sink, scale: float) -> torch.Tensor:
+def sparse_attn(q, win, win_idx, kv, kv_idx, sink, scale: float, n_idx=None) -> torch.Tensor:
     """Torch reference. q [B,S,H,D] attends over window rows win[b, win_idx] (win [B,P,D], win_idx [B,S,Kw])
-    and pool rows kv[kv_idx] (kv [N,D], or a packed uint8 pool, kv_idx [B,S,Kc]); -1 = empty; K = V. One softmax per head with the
-    sink z_h in the denominator only: o = sum_u exp(s_u - M) e_u / (sum_u exp(s_u - M) + exp(z_h - M)),
-    M = max over real keys (spec §3.5). On CUDA it runs as one Triton kernel (kernels.sparse_attn_paged)."""
+    and pool rows kv[kv_idx] (kv [N,D], or a packed uint8 pool, kv_idx [B,S,Kc]); -1 = empty; K = V. One
+    softmax per head with the sink z_h in the denominator only: o = sum_u exp(s_u - M) e_u / (sum_u exp(s_u -
+    M) + exp(z_h - M)), M = max over real keys (spec §3.5). n_idx [B,S]: only the first n_idx entries of
+    kv_idx can be real (HCA), which lets the kernel stop there. On CUDA it runs as one Triton kernel
+    (kernels.sparse_attn_paged, or kernels.hca_attn with n_idx)."""
     B, S, H, D = q.shape
     b = torch.arange(B, device=q.device)[:, None, None]
     if kernels.use_kernels(q.device) and q.dtype == torch.bfloat16 and H >= 16 and pow2(H) and pow2(D):
         w_rows = torch.where(win_idx >= 0, win_idx + b * win.shape[1], -1)  # rows of win flattened to [B*P,D]
-        return kernels.sparse_attn_paged(q.reshape(B * S, H, D), kv, kv_idx.reshape(B * S, -1).int(), sink, scale,
-                                         win=win.reshape(-1, D), win_idx=w_rows.reshape(B * S, -1).int()).view(B, S, H, D)
+        args = (q.reshape(B * S, H, D), kv, kv_idx.reshape(B * S, -1).int())
+        win_args = dict(win=win.reshape(-1, D), win_idx=w_rows.reshape(B * S, -1).int())
+        if n_idx is not None:
+            return kernels.hca_attn(*args, n_idx.reshape(-1).int(), sink, scale, **win_args).view(B, S, H, D)
+        return kernels.sparse_attn_paged(*args, sink, scale, **win_args).view(B, S, H, D)
     R = kv.shape[1] - D - D // 64 if kv.dtype == torch.uint8 else 0  # a packed pool: its RoPE width
     pool = kv_load(kv, kv_idx.clamp(min=0), D, R, torch.float32)  # [B,S,Kc,D]
     ent = torch.cat([win[b, win_idx.clamp(min=0)].float(), pool], 2)  # [B,S,Kw+Kc,D]
@@ -326,14 +354,19 @@ class Attention(nn.Module):
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.compressor = Compressor(args, self.ratio, D) if self.ratio else None
         self.indexer = Indexer(args, dtype) if self.ratio == 4 else None
+        self.freqs = {}  # device -> this layer's RoPE frequencies
 
     def compress(self, comp, x, pos, freqs, cache: LayerCache, index: bool):
         """Run a compressor and store the entries it completes (through the block table)."""
-        e, ids, ok = comp(x, pos, freqs, cache.index_state if index else cache.comp_state)
+        carry = None
+        if cache.carry is not None and comp.overlap:
+            carry = (*cache.carry[2 * index:2 * index + 2], cache.carry_pages, cache.win_page)
+        e, ids, ok = comp(x, pos, freqs, cache.index_state if index else cache.comp_state, cache.slots, cache.n_tok,
+                          carry)
         if cache.emit_from is not None:  # a replay recomputes entries that are already stored: keep those
             ok = ok & (ids >= cache.emit_from[:, None])
-        rows = page_rows(cache.comp_table, ids, cache.comp_page, 0 if index else cache.comp_base)
-        kv_store(cache.index_keys if index else cache.kv, rows[ok], e[ok], 0 if index else self.rope_dim)
+        rows = page_rows(cache.comp_table, ids, cache.comp_page, 0 if index else cache.comp_base, keep=ok)
+        kv_store(cache.index_keys if index else cache.kv, rows, e, 0 if index else self.rope_dim)
 
     def forward(self, x: torch.Tensor, start_pos, cache: LayerCache) -> torch.Tensor:
         """x [B,S,dim]; start_pos an int or [B] tensor (sequence b covers start_pos[b]..+S-1) -> [B,S,dim].
@@ -342,7 +375,9 @@ class Attention(nn.Module):
         H, D, R, W = self.n_heads, self.head_dim, self.rope_dim, self.window
         start = torch.as_tensor(start_pos, device=x.device).expand(B)
         pos = start[:, None] + torch.arange(S, device=x.device)  # [B,S]
-        freqs = rope_freqs(self.args, self.ratio)
+        freqs = self.freqs.get(x.device)
+        if freqs is None:  # computed once per device: a host-to-device copy per call would break graph capture
+            freqs = self.freqs[x.device] = rope_freqs(self.args, self.ratio).to(x.device)
         cos, sin = rope_cos_sin(freqs, pos)  # [B,S,R/2]
         qr = self.q_norm(self.wq_a(x))  # [B,S,q_lora], shared with the indexer
         q = self.wq_b(qr).unflatten(-1, (H, D))  # [B,S,H,D]
@@ -368,15 +403,17 @@ class Attention(nn.Module):
             if self.indexer is not None:
                 self.compress(self.indexer.compressor, x, pos, freqs, cache, index=True)
                 sel = self.indexer(x, qr, cache, limit, cos, sin)  # [B,S,K]
-            else:
-                j = torch.arange(int(limit.max()), device=x.device)[None, None]  # [1,1,T]
+            else:  # every entry the table can hold, in order: a shape fixed by the cache, not the context
+                j = torch.arange(cache.comp_table.shape[1] * cache.comp_page, device=x.device)  # [T]
                 sel = torch.where(j < limit[..., None], j, -1)  # [B,S,T]
             rows = page_rows(cache.comp_table, sel.clamp(min=0), cache.comp_page, cache.comp_base)
             kv_idx = torch.where(sel >= 0, rows, -1)
-        o = sparse_attn(q, win, win_idx, cache.kv, kv_idx, self.attn_sink, D ** -0.5)  # [B,S,H,D]
-        # store this call's window KV; a ring keeps the last W positions, a paged table every position
+        n_idx = limit if self.ratio and self.indexer is None else None  # HCA: only the first `limit` entries
+        o = sparse_attn(q, win, win_idx, cache.kv, kv_idx, self.attn_sink, D ** -0.5, n_idx)  # [B,S,H,D]
+        # store this call's window KV; a ring keeps the last W positions, a paged table every position held
         keep = min(S, cache.win_table.shape[1] * cache.win_page)
-        kv_store(cache.kv, page_rows(cache.win_table, pos[:, -keep:], cache.win_page), kv[:, -keep:], R)
+        real = torch.arange(S - keep, S, device=x.device) < (S if cache.n_tok is None else cache.n_tok[:, None])
+        kv_store(cache.kv, page_rows(cache.win_table, pos[:, -keep:], cache.win_page, keep=real), kv[:, -keep:], R)
 
         # K = V carries its key's rotation into the output; rotating back by the query position leaves a
         # relative rotation only (spec §3.4).

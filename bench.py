@@ -117,51 +117,43 @@ def ceilings():
 
 
 # ----------------------------------------------------------------------------------------- indexer
-def index_inputs(B, n):
-    """Indexer inputs over n entries a sequence: e4m3 queries and keys (+ key scales) in scattered pages."""
+def index_inputs(B, n, mxfp4_keys=True):
+    """Indexer inputs over n entries a sequence, as the model calls kernels.indexer_topk: bf16 queries, keys in
+    scattered pages as an FP8 model stores them (MXFP4 rows, 68 B) or a bf16 model does (bf16, 256 B)."""
     pages = n // PAGE
-    keys = torch.randn(B * pages, PAGE, CI, device=DEV).to(torch.float8_e4m3fn)
-    ks = torch.rand(B * pages, PAGE, device=DEV) + 0.5
+    keys = torch.randn(B * pages, PAGE, CI, device=DEV)
+    keys = pack_mxfp4_rows(keys) if mxfp4_keys else keys.bfloat16()
     bt = torch.randperm(B * pages, device=DEV).view(B, pages).int()  # scattered physical pages
-    q = torch.randn(B, HI, CI, device=DEV).to(torch.float8_e4m3fn)
+    q = torch.randn(B, HI, CI, device=DEV).bfloat16()
     w = torch.randn(B, HI, device=DEV) * (CI * HI) ** -0.5
-    return q, w, keys, ks, bt, torch.full((B,), n, dtype=torch.int32, device=DEV)
+    return q, w, keys, bt, torch.full((B,), n, dtype=torch.int32, device=DEV)
 
 
 def indexer_rows(ctx, B, cl, out):
-    n = ctx // 4  # CSA candidates: one entry per 4 tokens
-    set_bytes = B * n * (CI + 4)
-    sets = [index_inputs(B, n) for _ in range(n_sets(set_bytes, 8))]
-    q, w, keys, ks, bt, nk = sets[0]
-    ref_score = K.indexer_scores_ref(*sets[0])
-    idx = K.indexer_topk(*sets[0], TOPK)
-    ref_idx = ref_score.topk(min(TOPK, n)).indices
-    recall = statistics.mean(len(set(idx[b].tolist()) & set(ref_idx[b].tolist())) / ref_idx.shape[1] for b in range(B))
-    logits, mm = K.indexer_scores(*sets[0])
-    t_full = graph_us([lambda s=s: K.indexer_topk(*s, TOPK) for s in sets])
-    t_score = graph_us([lambda s=s: K.indexer_scores(*s) for s in sets])
-    t_row = graph_us([lambda: K.topk_row(logits, nk, TOPK)]) if n <= 32768 else float("nan")  # its largest row
-    t_chain = graph_us([lambda: K.topk_select(logits, mm, nk, TOPK)])
-    lg = logits[:, :n].contiguous()
-    t_topk = graph_us([lambda: lg.topk(TOPK, dim=-1)])
-    t_ref = eager_us(lambda: K.indexer_topk_ref(*sets[0], TOPK))
-    kb = keys.view(B, n, CI).to(torch.bfloat16)  # what a user would write: contiguous bf16 keys, eager torch
-    qb = q.to(torch.bfloat16)
-    t_eager = eager_us(lambda: (torch.einsum("bhc,bnc->bhn", qb, kb).relu() * w[..., None]).sum(1).topk(TOPK, dim=-1))
-    floor = max(set_bytes / cl["bw"], 2 * B * HI * CI * n / cl["fp8"]) * 1e6
-    tag = ctx_tag(ctx)
-    out.append(("indexer score+top-k (fp8 keys)", tag, B, n, t_full, floor,
-                f"torch ref {t_ref:.0f}; eager bf16 score+topk {t_eager:.0f}", f"recall {recall:.4f}"))
-    out.append(("  scoring only", tag, B, n, t_score, floor, "", f"rel {rel(logits[:, :n], ref_score):.1e}"))
-    # the keys the model stores: MXFP4 rows (68 B), bf16 queries, scaled inside tl.dot_scaled
-    s4 = [(s[0].to(torch.bfloat16), s[1], pack_mxfp4_rows(s[2].float()), None, s[4], s[5]) for s in sets]
-    t4, chk4 = checked(lambda *s: K.indexer_scores(*s)[0][:, :n], s4, K.indexer_scores_ref)
-    out.append(("  scoring only, MXFP4 keys", tag, B, n, t4,
-                max(B * n * 68 / cl["bw"], 2 * B * HI * CI * n / cl["bf16"]) * 1e6, "", chk4))
-    row = n <= K.TOPK_ROW_MAX  # the path indexer_topk takes
-    out.append((f"  top-k ({'register-resident row' if row else 'histogram chain'})", tag, B, n,
-                t_row if row else t_chain, B * n * 4 / cl["bw"] * 1e6, f"torch.topk {t_topk:.1f}; histogram chain "
-                f"{t_chain:.1f}; register-resident row {t_row:.1f}", ""))
+    """kernels.indexer_topk (scoring + exact top-k), the call attention.Indexer makes, for both key formats."""
+    n, tag = ctx // 4, ctx_tag(ctx)  # CSA candidates: one entry per 4 tokens
+    for fp4 in (True, False):
+        row_bytes = 68 if fp4 else 2 * CI
+        sets = [index_inputs(B, n, fp4) for _ in range(n_sets(B * n * row_bytes, 8))]
+        idx = K.indexer_topk(*sets[0], TOPK)
+        ref_idx = K.indexer_topk_ref(*sets[0], TOPK)
+        recall = statistics.mean(len(set(idx[b].tolist()) & set(ref_idx[b].tolist())) / min(TOPK, n) for b in range(B))
+        t_full = graph_us([lambda s=s: K.indexer_topk(*s, TOPK) for s in sets])
+        logits, mm = K.indexer_scores(*sets[0])
+        t_score = graph_us([lambda s=s: K.indexer_scores(*s) for s in sets])
+        nk = sets[0][-1]
+        lg = logits[:, :n].contiguous()
+        t_topk = graph_us([lambda: lg.topk(TOPK, dim=-1)])
+        t_ref = eager_us(lambda: K.indexer_topk_ref(*sets[0], TOPK))
+        floor = max(B * n * row_bytes / cl["bw"], 2 * B * HI * CI * n / cl["bf16"]) * 1e6
+        name = "MXFP4 keys (FP8 model)" if fp4 else "bf16 keys (bf16 model)"
+        out.append((f"indexer_topk, {name}", tag, B, n, t_full, floor, f"torch ref {t_ref:.0f}", f"recall {recall:.4f}"))
+        row = n <= K.TOPK_ROW_MAX  # the top-k path indexer_topk takes
+        t_sel = graph_us([lambda: K.topk_row(logits, nk, TOPK)] if row else [lambda: K.topk_select(logits, mm, nk, TOPK)])
+        out.append(("  scoring only", tag, B, n, t_score, floor, "",
+                    f"rel {rel(logits[:, :n], K.indexer_scores_ref(*sets[0])[:, :n]):.1e}"))
+        out.append((f"  top-k ({'register-resident row' if row else 'histogram chain'})", tag, B, n, t_sel,
+                    B * n * 4 / cl["bw"] * 1e6, f"torch.topk {t_topk:.1f}", ""))
 
 
 # --------------------------------------------------------------------------------------- attention
@@ -330,38 +322,161 @@ def torch_hc_pre(X, fn, scale, base, norm_eps, hc_eps, iters):
     return (pre[..., None] * X.float()).sum(1).to(X.dtype), post, comb
 
 
-# -------------------------------------------------------------- the attention side of one decode step
-def stack_row(ctx, cl, out):
-    """One decode token through the attention-side kernels of all 43 V4-Flash layers at batch 1, each
-    layer with its own caches (nothing is shared, so nothing stays in L2): 21 CSA layers run indexer
-    score + top-k and sparse attention over window + top-512, 20 HCA layers attend to window + every
-    entry, 2 layers to the window only. Compressed entries are packed FP8 rows (584 B), this call's window
-    bf16 rows, index keys e4m3 + scale. One CUDA graph; floor = the bytes these formats must read."""
-    packed_rows = lambda rows: pack_kv(quant_kv(torch.randn(rows, D, device=DEV, dtype=torch.bfloat16), 64), 64)  # noqa: E731
-    n, nh, scale = ctx // 4, ctx // 128, D ** -0.5
-    sink = torch.randn(H, device=DEV)
-    win = torch.randn(WIN, D, device=DEV, dtype=torch.bfloat16)  # the window rows: small, shared
-    widx = torch.arange(WIN, device=DEV, dtype=torch.int32)[None]
-    calls, bytes_ = [], 0
-    for ratio in flash().compress_ratios[:43 if not DRY else 3]:
-        q = torch.randn(1, H, D, device=DEV, dtype=torch.bfloat16)
-        if ratio == 4:
-            pool = packed_rows(n)
-            calls.append(lambda q=q, a=index_inputs(1, n), p=pool: K.sparse_attn_paged(
-                q, p, K.indexer_topk(*a, TOPK), sink, scale, win=win, win_idx=widx))
-            bytes_ += n * (CI + 4) + WIN * D * 2 + TOPK * pool.shape[1]
-        elif ratio == 128:
-            pool = packed_rows(nh)
-            rows, nr = torch.arange(nh, device=DEV, dtype=torch.int32)[None], torch.full((1,), nh, dtype=torch.int32, device=DEV)
-            calls.append(lambda q=q, p=pool, r=rows, nr=nr: K.hca_attn(q, p, r, nr, sink, scale, win=win, win_idx=widx))
-            bytes_ += WIN * D * 2 + nh * pool.shape[1]
-        else:
-            empty = torch.empty(1, 0, dtype=torch.int32, device=DEV)
-            calls.append(lambda q=q: K.sparse_attn_paged(q, win, empty, sink, scale, win=win, win_idx=widx))
-            bytes_ += WIN * D * 2
-    t = graph_us([lambda: [c() for c in calls]], min_calls=1)
-    out.append(("attention side of one decode step, 43 layers", ctx_tag(ctx), 1, len(calls), t, bytes_ / cl["bw"] * 1e6,
-                f"{bytes_ / 2 ** 20:.0f} MiB read; per layer {t / len(calls):.1f} µs", "per-kernel rows above"))
+# --------------------------------------------------------------------------------- end to end (--e2e)
+def gpu_model(args, seed=0):
+    """A V4 built on the GPU with random weights in the stored formats (init_random_ draws there)."""
+    with torch.device("meta"):
+        model = Transformer(args, torch.bfloat16)
+    return init_random_(model.to_empty(device=DEV), seed).eval()
+
+
+def hf_model(args):
+    """transformers' eager DeepseekV4ForCausalLM at the same widths and layer kinds, bf16, random weights."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+    kinds = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+    cfg = DeepseekV4Config(
+        vocab_size=args.vocab_size, hidden_size=args.dim, moe_intermediate_size=args.moe_inter_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, head_dim=args.head_dim,
+        q_lora_rank=args.q_lora_rank, n_routed_experts=args.n_routed_experts, num_experts_per_tok=args.n_activated_experts,
+        o_groups=args.o_groups, o_lora_rank=args.o_lora_rank, index_n_heads=args.index_n_heads,
+        index_head_dim=args.index_head_dim, index_topk=args.index_topk, sliding_window=args.window_size,
+        layer_types=[kinds[r] for r in args.compress_ratios[:args.n_layers]], num_nextn_predict_layers=0,
+        rope_parameters={"rope_type": "yarn", "factor": args.rope_factor, "beta_fast": args.beta_fast,
+                         "beta_slow": args.beta_slow, "original_max_position_embeddings": args.original_seq_len})
+    with torch.device(DEV):
+        return DeepseekV4ForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def run_prefill(e, prompt, label=""):
+    """Seconds from add() to the first token, with a progress line every ~10% of a long prompt."""
+    t0, rid, done = time.perf_counter(), e.add(prompt, e.args.max_seq_len - len(prompt)), 0
+    while not e.finished and not any(s.out for s in e.running):
+        e.step()
+        s = e.running[0]
+        if label and s.pos * 10 // len(prompt) > done:
+            done = s.pos * 10 // len(prompt)
+            el = time.perf_counter() - t0
+            print(f"  {label} prefill {s.pos:,}/{len(prompt):,} tokens, {el:.0f} s, {s.pos / el:,.0f} tok/s, "
+                  f"ETA {el * (len(prompt) / s.pos - 1):.0f} s", file=sys.stderr, flush=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, rid
+
+
+def decode_times(e, steps=32):
+    """(wall ms per engine step, GPU ms per replay of the step's graph): the host's share is the difference."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        e.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps * 1e3
+    B = len(e.running)
+    graph = e.runner.graphs.get((1 << (B - 1).bit_length(), False), (None,))[0]
+    if graph is None:
+        return wall, float("nan")
+    s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(steps):
+        graph.replay()  # the same buffers: the same kernels over the same rows
+    t.record()
+    t.synchronize()
+    return wall, s.elapsed_time(t) / steps
+
+
+def hf_rows(args, out):
+    """transformers eager: prefill tok/s at 4K, decode ms/step after prompts of 4K, 8K, 16K (until OOM)."""
+    hf = hf_model(args)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    ids = lambda n: torch.randint(0, args.vocab_size, (1, n), generator=g, device=DEV)  # noqa: E731
+    with torch.inference_mode():
+        hf(ids(512))  # warm up
+        for n in (4096, 8192, 16384):
+            try:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                o = hf(ids(n), use_cache=True)
+                torch.cuda.synchronize()
+                pre = time.perf_counter() - t0
+                kv, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+                times = []
+                for _ in range(12):
+                    t0 = time.perf_counter()
+                    o = hf(nxt, past_key_values=kv, use_cache=True)
+                    nxt = o.logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                out[("hf", n)] = (n / pre, statistics.median(times[2:]) * 1e3)
+            except torch.OutOfMemoryError:
+                out[("hf", n)] = None
+                break
+            finally:
+                o = kv = None
+                torch.cuda.empty_cache()
+    del hf
+    torch.cuda.empty_cache()
+
+
+def e2e_small(cl):
+    """The 4-layer model (CSA, HCA, CSA, HCA at V4-Flash widths, FP8 + MXFP4) against transformers eager."""
+    args = flash(n_layers=4, n_mtp_layers=0, compress_ratios=[4, 128, 4, 128], max_seq_len=1 << 15)
+    res = {}
+    hf_rows(args, res)
+    model = gpu_model(args)
+    g = torch.Generator().manual_seed(1)
+    prompt = lambda n: torch.randint(0, args.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    rows = []
+    for n in (4096, 4096, 8192, 16384):  # the first 4K run compiles and autotunes the kernels: not reported
+        e = Engine(model, 4 << 30, max_seqs=32, log=lambda m: None)
+        pre, _ = run_prefill(e, prompt(n))
+        decode_times(e, 4)  # captures the graph
+        wall, gpu = decode_times(e)
+        rows.append((n, 1, n / pre, wall, gpu, res.get(("hf", n))))
+        del e
+    rows = rows[1:]
+    e = Engine(model, 4 << 30, max_seqs=32, log=lambda m: None)
+    for _ in range(32):
+        e.add(prompt(4096), 8192)
+    while any(s.pos < len(s.tokens) - 1 for s in e.running + list(e.waiting)):
+        e.step()
+    decode_times(e, 4)
+    wall, gpu = decode_times(e)
+    rows.append((4096, 32, float("nan"), wall, gpu, None))
+    print("\n| 4 layers (CSA, HCA, CSA, HCA), V4-Flash widths | context | batch | prefill tok/s | decode ms/step "
+          "| GPU ms/step (graph replay) | wall / GPU | transformers eager: prefill tok/s, decode ms/step | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, B, tps, wall, gpu, hf in rows:
+        ref = "out of memory" if hf is None and B == 1 else "-" if hf is None else f"{hf[0]:,.0f}, {hf[1]:.1f}"
+        up = f"prefill {tps / hf[0]:.1f}x, decode {hf[1] / wall:.1f}x" if hf else "-"
+        print(f"| this project | {n // 1024}K | {B} | {tps:,.0f} | {wall:.2f} | {gpu:.2f} | {wall / gpu:.2f} | {ref} | {up} |")
+
+
+def e2e_long(cl, ctx):
+    """The whole V4-Flash attention stack (43 layers, shipped CSA / HCA / window layout) with the MoE shrunk to
+    16 routed experts a layer (top-6 as shipped: the same active bytes and FLOPs a token, 1/16 of the stored
+    experts), prefilling ctx tokens in 4K chunks and decoding there."""
+    args = flash(n_routed_experts=16, n_mtp_layers=0, max_seq_len=ctx + 256)
+    args.compress_ratios = args.compress_ratios[:43]
+    model = gpu_model(args)
+    e = Engine(model, 12 << 30, max_seqs=1, log=lambda m: print(m, file=sys.stderr))
+    g = torch.Generator().manual_seed(2)
+    warm = Engine(model, 4 << 30, max_seqs=1, log=lambda m: None)
+    run_prefill(warm, torch.randint(0, args.vocab_size, (8192,), generator=g).tolist())
+    del warm
+    pre, _ = run_prefill(e, torch.randint(0, args.vocab_size, (ctx,), generator=g).tolist(), f"{ctx:,}-token")
+    decode_times(e, 4)
+    wall, gpu = decode_times(e, 16)
+    # byte floor of a decode step: every weight a token touches once (6 experts a layer), the cache rows read
+    w = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+            if ".experts." not in n and not n.startswith(("embed", "mtp")))
+    expert = sum(p.numel() * p.element_size() for p in model.layers[0].ffn.experts[0].parameters())
+    r = e.report()["bytes_per_token"]
+    n_csa, n_hca = args.compress_ratios.count(4), args.compress_ratios.count(128)
+    cache = n_csa * (ctx // 4 * 68 + 512 * 584) + n_hca * ctx // 128 * 584 + 43 * 128 * 584
+    floor = (w + 43 * 6 * expert + cache) / cl["bw"] * 1e3
+    print(f"\n| 43-layer V4-Flash stack, 16 experts / layer | context | prefill | prefill tok/s | decode ms/step | "
+          f"GPU ms/step | byte floor ms | floor / decode | cache B/token csa + hca (spec §10: 3,514) |\n|---|---|---|---|---|---|---|---|---|")
+    print(f"| this project | {ctx:,} | {pre:.0f} s | {ctx / pre:,.0f} | {wall:.2f} | {gpu:.2f} | {floor:.3f} | "
+          f"{floor / wall:.0%} | {r.get('csa', 0):.0f} + {r.get('hca', 0):.0f} = {r.get('csa', 0) + r.get('hca', 0):.0f} |")
 
 
 # ------------------------------------------------------------------------------------ cache workloads
@@ -429,13 +544,24 @@ def bench_cache(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="contexts 4K and 1M only")
-    ap.add_argument("--only", default="indexer,csa,hca,gemm,mhc,compressor,stack", help="comma-separated sections")
+    ap.add_argument("--only", default="indexer,csa,hca,gemm,mhc,compressor", help="comma-separated sections")
+    ap.add_argument("--e2e", default=None, help="end to end: 'small' (4 layers against transformers eager) "
+                    "and/or 'long' (the 43-layer stack at --ctx), comma-separated")
+    ap.add_argument("--ctx", type=int, default=1 << 20, help="context of the long end-to-end run")
     ap.add_argument("--dry", action="store_true", help="CPU interpreter smoke run of this script, tiny sizes")
     ap.add_argument("--cache", action="store_true", help="cache workloads: hit rates, TTFT hit vs cold, capacity")
     ap.add_argument("--prefix", type=int, default=32768, help="prefix length of the TTFT measurement")
     a = ap.parse_args()
     if a.cache:
         return bench_cache(a)
+    if a.e2e:
+        torch.set_grad_enabled(False)
+        cl = ceilings()
+        print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+              f"{datetime.date.today()} | copy {cl['bw'] / 1e12:.2f} TB/s, bf16 {cl['bf16'] / 1e12:.0f} TF/s", flush=True)
+        for part in a.e2e.split(","):
+            e2e_small(cl) if part == "small" else e2e_long(cl, a.ctx)
+        return
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     ctxs = [4096] if DRY else [4096, 1 << 20] if a.quick else [4096, 65536, 262144, 1 << 20]
@@ -450,8 +576,7 @@ def main():
             "hca": [(partial(attn_rows, "hca"), ctx, B) for B in batches for ctx in ctxs],
             "gemm": [(lambda c, B, cl, out: gemm_rows(cl, out), 0, 0)],
             "mhc": [(lambda c, B, cl, out: mhc_rows(cl, out), 0, 0)],
-            "compressor": [(lambda c, B, cl, out: compressor_rows(cl, out), 0, 0)],
-            "stack": [(lambda c, B, cl, out: stack_row(c, cl, out), ctx, 1) for ctx in ctxs]}
+            "compressor": [(lambda c, B, cl, out: compressor_rows(cl, out), 0, 0)]}
     out = []
     for what in a.only.split(","):
         for fn, ctx, B in jobs[what]:

@@ -128,30 +128,14 @@ def load_tokenizer(ckpt_dir=None) -> tuple[tiktoken.Encoding, int | None]:
     return enc, eos
 
 
-# ---------------------------------------------------------------------------------------------- sampling
-def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, generator=None) -> torch.Tensor:
-    """logits [B,V] -> ids [B]: argmax at temperature 0, else a draw from softmax(logits / T) cut to top-p."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B,V]
-    if top_p < 1.0:
-        p, order = probs.sort(-1, descending=True)  # [B,V]
-        # keep a token while the ones ranked above it hold less than top_p: the smallest set reaching
-        # top_p, and the top token always (its prefix sum is 0 < top_p)
-        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, p)  # back to vocab order; multinomial renormalises
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def engine_for(model, policy="recompute", kv_gb=None, max_seqs=16, token_budget=1024, log=print) -> Engine:
-    """An Engine over the model with a sampler; the cache budget is kv_gb, else half the free GPU memory
-    (1 GB on the CPU)."""
+# ------------------------------------------------------------------------------------------- generation
+def engine_for(model, policy="recompute", kv_gb=None, max_seqs=16, token_budget=4096, log=print,
+               graphs=True) -> Engine:
+    """An Engine over the model; the cache budget is kv_gb, else half the free GPU memory (1 GB on the CPU).
+    Sampling runs on the device (runner.sample)."""
     if kv_gb is None:
         kv_gb = torch.cuda.mem_get_info()[0] / 2 / 2**30 if model.embed.weight.is_cuda else 1.0
-
-    def sampler(logits, p):
-        return int(sample(logits[None], p["temperature"], p["top_p"], p["generator"]))
-    return Engine(model, int(kv_gb * 2**30), policy, max_seqs, token_budget, sampler=sampler, log=log)
+    return Engine(model, int(kv_gb * 2**30), policy, max_seqs, token_budget, log=log, graphs=graphs)
 
 
 @torch.inference_mode()
@@ -161,7 +145,7 @@ def generate(engine: Engine, prompts: list, max_new_tokens, temperature: float =
     Returns each one's new ids without EOS, or the ValueError that refused it (a prompt the context or the
     cache can never hold, an id outside the vocab): one bad request does not stop the others.
     on_token(i, id) sees every id as it is produced, on_done(i, ids) every request as it finishes."""
-    dev, V = engine.dev, engine.args.vocab_size
+    V = engine.args.vocab_size
     n_new = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     rid, results = {}, [None] * len(prompts)
     for i, p in enumerate(prompts):
@@ -170,8 +154,7 @@ def generate(engine: Engine, prompts: list, max_new_tokens, temperature: float =
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is outside the model's vocab_size {V}; the tokenizer "
                                  "does not match the model")
-            g = torch.Generator(device=dev).manual_seed(seed + i)
-            rid[engine.add(p, n_new[i], temperature=temperature, top_p=top_p, generator=g, eos_id=eos_id)] = i
+            rid[engine.add(p, n_new[i], temperature=temperature, top_p=top_p, seed=seed + i, eos_id=eos_id)] = i
         except ValueError as e:
             results[i] = e
     done = 0
@@ -270,7 +253,8 @@ def main(argv=None) -> int:
                     help="cached prefixes keep compressed KV only and rebuild the window on a hit, or keep it")
     ap.add_argument("--kv-gb", type=float, help="cache memory budget (default: half the free GPU memory, 1 GB on CPU)")
     ap.add_argument("--max-seqs", type=int, default=16, help="sequences decoding at once")
-    ap.add_argument("--token-budget", type=int, default=1024, help="prefill tokens per step")
+    ap.add_argument("--token-budget", type=int, default=4096, help="prefill positions per step (padded chunks)")
+    ap.add_argument("--no-graphs", action="store_true", help="decode eagerly instead of replaying CUDA graphs")
     a = ap.parse_args(argv)
     try:
         bad = check_flags(a)
@@ -304,7 +288,7 @@ def run(a) -> int:
         raise ValueError(f"--kv-gb {a.kv_gb} is more than the {free_memory(a.device) / 2**30:.1f} GB of free "
                          f"{a.device} memory")
     engine = engine_for(model, a.window_policy, a.kv_gb, a.max_seqs, a.token_budget,
-                        log=lambda m: print(m, file=sys.stderr))
+                        log=lambda m: print(m, file=sys.stderr), graphs=not a.no_graphs)
     ctx = model.args.max_seq_len
     # added tokens in the prompt (chat-template markers) encode as themselves, as HF tokenizers do
     ids = [enc.encode(t, allowed_special="all") for _, t in prompts]

@@ -843,20 +843,24 @@ def _moe_gemm_kernel(x_ptr, w_ptr, ws_ptr, te_ptr, y_ptr, N, K,
 
 def moe_align(idx: torch.Tensor, n_experts: int, block_m: int):
     """Routing ids idx [T, k] -> (rows [M_pad] int32: flat (token*k + slot) for each padded row, -1 on pad;
-    tile_expert [M_pad / block_m] int32). Gather x.repeat_interleave(k)[rows] to build the GEMM input."""
+    tile_expert [M_pad / block_m] int32, -1 for tiles past the last expert's). Gather
+    x.repeat_interleave(k)[rows] to build the GEMM input. M_pad is a bound known on the host, so nothing
+    here waits for the GPU (a CUDA graph can hold it): sum_e ceil(c_e / block_m) <= ceil(T k / block_m) +
+    min(E, T k), the second term for each used expert's partial tile."""
     flat = idx.flatten().long()
+    n = flat.numel()
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs sorted by expert
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
     tiles = (counts + block_m - 1) // block_m  # [E]
-    start_pad = (torch.cumsum(tiles, 0) - tiles) * block_m  # padded segment starts
-    start = torch.cumsum(counts, 0) - counts
+    ends = torch.cumsum(tiles, 0)
+    start_pad, start = (ends - tiles) * block_m, torch.cumsum(counts, 0) - counts  # padded / packed segment starts
     e_sorted = flat[order]
-    dest = start_pad[e_sorted] + torch.arange(flat.numel(), device=idx.device) - start[e_sorted]
-    m_pad = int(tiles.sum()) * block_m
-    rows = torch.full((m_pad,), -1, dtype=torch.int32, device=idx.device)
+    dest = start_pad[e_sorted] + torch.arange(n, device=idx.device) - start[e_sorted]
+    n_tiles = -(-n // block_m) + min(n_experts, n)
+    rows = torch.full((n_tiles * block_m,), -1, dtype=torch.int32, device=idx.device)
     rows[dest] = order.int()
-    tile_expert = torch.repeat_interleave(torch.arange(n_experts, device=idx.device, dtype=torch.int32), tiles)
-    return rows, tile_expert
+    tile_expert = torch.searchsorted(ends, torch.arange(n_tiles, device=idx.device), right=True)  # first end > t
+    return rows, torch.where(tile_expert < n_experts, tile_expert, -1).int()
 
 
 def _moe_meta(block_m, n):

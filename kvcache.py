@@ -1,5 +1,6 @@
-"""The paged three-cache manager: page pools per cache kind, block tables, chained prefix hashes with LRU
-reuse, the two window policies, continuous batching with chunked prefill, and metrics.
+"""The paged three-cache manager: page pools per cache kind, chained prefix hashes with LRU reuse, the two
+window policies (Pages), and continuous batching with chunked prefill, preemption and metrics (Engine).
+runner.py owns the device side (pools, block tables, the model calls, CUDA graphs); this file decides.
 
 One logical page = `page` positions (a multiple of lcm(4, 128); 256 as in vLLM and SGLang). Per layer a
 window page holds page raw KV rows, a csa page page/4 compressed rows + page/4 indexer keys, an hca page
@@ -13,14 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attention import LayerCache, kv_pool, new_compressor_state
+from attention import kv_pool
+from runner import Row, Runner
 
 
 def plan(args, budget_bytes: int, policy: str, max_seqs: int, page: int = 256, elem: int = 2, pages=None,
          kv_row: int | None = None, key_row: int | None = None):
     """Bytes of one page of each kind, and how many pages of each kind a memory budget buys. Each running
-    sequence needs its compressor state (fp32) and, under recompute, at most 3 window pages (a chunk never
-    crosses a page boundary and W <= page); the rest buys prefix pages, each costing csa + hca, plus
+    sequence needs its compressor state (fp32) and, under recompute, at most 4 window pages (the W-1
+    positions a call reads and the W-1 it leaves, W <= page); the rest buys prefix pages, each costing csa + hca, plus
     window + carry under store. `pages` fixes the prefix page count instead (small test pools). kv_row /
     key_row: bytes of a main-KV row / an indexer key (default D x elem / c_I x elem; 584 / 68 when packed,
     attention.kv_pool)."""
@@ -31,13 +33,13 @@ def plan(args, budget_bytes: int, policy: str, max_seqs: int, page: int = 256, e
                   "hca": sum(page // r for r in hca) * row, "carry": n_csa * 4 * (D + cI) * 2 * 4}
     state = max_seqs * 4 * 2 * (n_csa * 8 * 2 * (D + cI) + sum(hca) * D)
     kinds = [k for k in ("csa", "hca") if page_bytes[k]] + (["window", "carry"] if policy == "store" else [])
-    fixed = state + (3 * max_seqs * page_bytes["window"] if policy == "recompute" else 0)
+    fixed = state + (4 * max_seqs * page_bytes["window"] if policy == "recompute" else 0)
     n = pages or (budget_bytes - fixed) // max(sum(page_bytes[k] for k in kinds), 1)
     if n < 4:
         raise ValueError(f"a budget of {budget_bytes / 2**30:.3f} GiB leaves room for {max(n, 0)} pages of "
                          f"{page} tokens; raise it or lower max_seqs")
     counts = {k: (n if k in kinds else 0) for k in page_bytes}
-    counts["window"] = n if policy == "store" else 3 * max_seqs
+    counts["window"] = n if policy == "store" else 4 * max_seqs
     return page_bytes, counts
 
 
@@ -99,11 +101,13 @@ class Seq:
     tokens: list  # prompt, then generated ids
     n_prompt: int
     max_new: int
-    params: dict  # sampling settings, handed to the sampler
+    params: dict  # temperature, top_p, seed, eos_id
     arrived: float
     pos: int = 0  # tokens whose KV is in the cache
     slot: int = -1  # row of the per-sequence compressor state
     pages: dict = field(default_factory=dict)  # kind -> page per logical page index (-1 = none held)
+    new_carry: dict = field(default_factory=dict)  # page index -> carry page written by the next forward
+    win_low: int = 0  # window pages below this index are dropped already (recompute)
     published: int = 0  # logical pages published so far
     replay_start: int = 0  # a recompute hit replays [replay_start, replay_end) to rebuild the window
     replay_end: int = 0
@@ -115,6 +119,10 @@ class Seq:
     @property
     def out(self):
         return self.tokens[self.n_prompt:]
+
+    def row(self, end: int, carry: list | None, sample: bool) -> Row:
+        return Row(self.slot, self.pos, self.tokens[self.pos:end], self.params, sample, self.replay_start,
+                   self.replay_end, carry)
 
 
 @dataclass
@@ -129,81 +137,15 @@ class Metrics:
     ttft: list = field(default_factory=list)  # (seconds, hit tokens) per request
 
 
-class Engine:
-    """Continuous batching over the paged caches: requests join while others decode, finished ones leave,
-    prefill runs in chunks under a per-step token budget, and a request that does not fit waits or
-    preempts the newest running one (its pages go back; it resumes later, usually from its own prefix)."""
+class Pages:
+    """Which page holds what: the pools, chained prefix hashes, prefix hits, the pages a sequence's next
+    positions need, publication, and under recompute dropping window pages that slid out. Every change of a
+    running sequence's pages goes to the runner's block tables."""
 
-    def __init__(self, model, budget_bytes: int, policy: str = "recompute", max_seqs: int = 16,
-                 token_budget: int = 1024, page: int | None = None, sampler=None, log=print, keep_logits=False,
-                 pages=None):
-        a, dev = model.args, model.embed.weight.device
-        ratios = a.compress_ratios[:a.n_layers]  # the MTP block is not run by the engine
-        hca = sorted({r for r in ratios if r not in (0, 4)})
-        # a page holds whole blocks of every ratio and the whole window (then a sequence's window spans at
-        # most 3 pages); by default the first such size from 256 positions, as in vLLM and SGLang
-        unit = math.lcm(4, *hca)
-        page = page or unit * -(-max(256, a.window_size) // unit)
-        if policy not in ("store", "recompute"):
-            raise ValueError(f"window policy must be 'store' or 'recompute', got {policy!r}")
-        if page % unit or page < a.window_size:
-            raise ValueError(f"page {page} must be a multiple of {unit} (lcm of 4 and the HCA ratios) and hold the "
-                             f"window of {a.window_size}")
-        if max_seqs < 1 or token_budget < 1:
-            raise ValueError(f"max_seqs and token_budget must be at least 1, got {max_seqs} and {token_budget}")
-        self.model, self.args, self.policy, self.page, self.max_seqs = model, a, policy, page, max_seqs
-        self.token_budget, self.sampler, self.dev, self.ratios = token_budget, sampler, dev, ratios
-        self.keep_logits = keep_logits
-        D, cI = a.head_dim, a.index_head_dim
-        dt = model.dtype
-        row, key = (kv_pool(a, 1, dt, "meta", index=i) for i in (False, True))  # the row formats stored
-        page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages,
-                                  row.shape[1] * row.element_size(), key.shape[1] * key.element_size())
-        self.pools = {k: Pool(k, c, page_bytes[k]) for k, c in counts.items() if page_bytes[k] and c}
-        # the smallest ratio of each compressed kind: its entries fill that kind's pages first
-        self.ratio = {k: m for k, m in (("csa", 4), ("hca", hca[0] if hca else 0)) if k in self.pools}
-        # Recompute replays from P - replay_tokens to rebuild the state at a hit P. Layer l's window at P needs
-        # its input exact over the W-1 positions before P, a CSA layer's compressor carry over the 4 before;
-        # layer l's input at t is exact once layer l-1's window at t lies inside the replay, so exactness
-        # starts l(W-1) positions into it (layer 0 reads embeddings, exact from the first replayed token).
-        W = a.window_size
-        self.replay_tokens = max(l * (W - 1) + max(W - 1, 4 if r == 4 else 0) for l, r in enumerate(ratios))
+    def __init__(self, pools: dict, page: int, policy: str, window: int, ratio: dict, runner: Runner):
+        self.pools, self.page, self.policy, self.window, self.ratio, self.runner = pools, page, policy, window, ratio, runner
         # the kinds whose pages are published for reuse (a window page only under store), in pool order
-        self.prefix_kinds = (["window"] if policy == "store" else []) + list(self.ratio)
-        nw = counts["window"] * page
-        self.kv, self.ikeys, self.state, self.carry = {}, {}, {}, {}
-        for l, r in enumerate(ratios):  # one row pool per layer: window pages, then compressed pages
-            nc = counts["csa" if r == 4 else "hca"] * page // r if r else 0
-            self.kv[l] = kv_pool(a, nw + nc, dt, dev)
-            if r:  # (kv, score) of the compressor, then of the indexer's compressor in a CSA layer
-                self.state[l] = new_compressor_state(max_seqs, r, D, dev)
-            if r == 4:
-                self.ikeys[l] = kv_pool(a, nc, dt, dev, index=True)
-                self.state[l] += new_compressor_state(max_seqs, 4, cI, dev)
-                c = counts["carry"]
-                self.carry[l] = [torch.zeros(c, 4, w, device=dev) for w in (D, D, cI, cI)]  # kv, score, ikv, iscore
-        self.waiting, self.running, self.finished = deque(), [], []
-        self.free_slots, self.metrics, self.next_rid = list(range(max_seqs)), Metrics(), 0
-        log(f"kv cache: policy {policy}, page {page} tokens, pages " + ", ".join(f"{k} {p.n} ({p.page_bytes / page:.0f} "
-            "B/token)" for k, p in self.pools.items()) + f"; minimum reusable prefix {page} tokens")
-
-    # ------------------------------------------------------------------------------ requests
-    def add(self, prompt: list, max_new: int, **params) -> int:
-        """Queue a request; returns its id. A request that can never fit gets a ValueError now."""
-        total = len(prompt) + max_new
-        if not prompt or total > self.args.max_seq_len:
-            raise ValueError(f"request of {len(prompt)} prompt + {max_new} new tokens does not fit the context "
-                             f"of {self.args.max_seq_len} tokens")
-        need = -(-total // self.page)
-        for k in self.prefix_kinds:  # a recompute window needs 3 pages, and its pool holds 3 per sequence
-            if need > self.pools[k].n:
-                raise ValueError(f"request of {total} tokens needs {need} {k} pages but the pool holds "
-                                 f"{self.pools[k].n}; raise the memory budget")
-        s = Seq(self.next_rid, list(prompt), len(prompt), max_new, params, time.perf_counter())
-        self.next_rid += 1
-        self.waiting.append(s)
-        self.metrics.prompt_tokens += len(prompt)
-        return s.rid
+        self.prefix_kinds = (["window"] if policy == "store" else []) + list(ratio)
 
     def page_ids(self, s: Seq, i: int) -> tuple:
         return tuple(s.tokens[i * self.page:(i + 1) * self.page])
@@ -219,16 +161,14 @@ class Engine:
 
     def lookup(self, kind: str, s: Seq, i: int) -> int | None:
         """The cached `kind` page holding s's page i (whose hash is computed), if any."""
-        h = s.page_hashes[i]
-        p = self.pools[kind].index.get(h)
+        p = self.pools[kind].index.get(s.page_hashes[i])
         return p if p is not None and self.pools[kind].ids[p] == self.page_ids(s, i) else None  # verify the ids
 
-    def admit(self, s: Seq) -> bool:
-        """Resolve s's prefix hit and give it a state slot; False if it must wait."""
-        if not self.free_slots:
-            return False
-        k_max = (len(s.tokens) - 1) // self.page  # leave at least one token to compute
-        hs, hit = self.hashes(s, k_max), []
+    def hit(self, s: Seq) -> list:
+        """The longest cached prefix of s, as {kind: page} per logical page (at least one token stays to run)."""
+        k_max = (len(s.tokens) - 1) // self.page
+        self.hashes(s, k_max)
+        hit = []
         for i in range(k_max):
             got = {k: self.lookup(k, s, i) for k in self.ratio}
             if None in got.values():
@@ -241,22 +181,170 @@ class Engine:
                     hit[-1].update(got)
                     break
                 hit.pop()
-        if len(hit) < k_max and any(hs[len(hit)] in self.hashes(r, (r.n_prompt - 1) // self.page)[r.published:]
+        return hit
+
+    def take(self, s: Seq, hit: list):
+        s.pages = {k: [got.get(k, -1) for got in hit] for k in self.pools}
+        s.published, s.win_low, s.new_carry = len(hit), 0, {}
+        for k, pages in s.pages.items():
+            for i, p in enumerate(pages):
+                if p >= 0:
+                    self.pools[k].take(p)
+                    if k in self.runner.tables:
+                        self.runner.set_page(k, s.slot, i, p)
+
+    def ensure(self, s: Seq, end: int) -> bool:
+        """Hold every page positions [s.pos, end) write to and a later call reads; False when a pool is
+        exhausted. Under recompute only the window's last W-1 positions are kept (earlier rows of this call
+        are read from the call itself); under store a carry page for each page boundary the call passes."""
+        first = s.pos if self.policy == "store" else max(s.pos, end - self.window + 1)
+        need = {"window": (first // self.page, -(-end // self.page))}
+        for k, m in self.ratio.items():  # the pages of the entries this call completes
+            need[k] = (s.pos // self.page, -(-(end // m) // (self.page // m)))
+        for k, (lo, hi) in need.items():
+            pages = s.pages[k]
+            pages += [-1] * (hi - len(pages))
+            for i in range(lo, hi):
+                if pages[i] < 0:
+                    p = self.pools[k].alloc()
+                    if p is None:
+                        return False
+                    pages[i] = p
+                    self.runner.set_page(k, s.slot, i, p)
+        if "carry" in self.pools:  # optional: without one, a later hit just cannot stop at that page
+            for i in range(s.pos // self.page, end // self.page):
+                if i not in s.new_carry:
+                    p = self.pools["carry"].alloc()
+                    s.new_carry[i] = -1 if p is None else p
+        return True
+
+    def carry_for(self, s: Seq) -> list | None:
+        """The carry pages of the boundaries the next call passes, from the first one after s.pos."""
+        if not s.new_carry:
+            return None
+        first = s.pos // self.page
+        return [s.new_carry.get(first + k, -1) for k in range(max(s.new_carry) - first + 1)]
+
+    def release(self, s: Seq):
+        for k, pages in s.pages.items():  # tail first, so a prefix's deeper pages are evicted first
+            for p in reversed(pages):
+                if p >= 0:
+                    self.pools[k].release(p)
+        for p in s.new_carry.values():
+            if p >= 0:
+                self.pools["carry"].release(p)
+        s.pages, s.new_carry = {}, {}
+        self.runner.clear(s.slot)
+
+    def after_forward(self, s: Seq):
+        """Publish the pages (and carry pages) the call completed; under recompute, drop window pages that slid
+        out of the window."""
+        full = s.pos // self.page
+        hs = self.hashes(s, full)
+        for i in range(s.published, full):
+            ids = self.page_ids(s, i)
+            for k in self.prefix_kinds:
+                if s.pages[k][i] >= 0:
+                    self.pools[k].publish(s.pages[k][i], hs[i], ids)
+            p = s.new_carry.pop(i, -1)
+            if p >= 0:  # cached from birth: nobody runs on a carry page
+                self.pools["carry"].publish(p, hs[i], ids)
+                self.pools["carry"].release(p)
+        s.published = max(s.published, full)
+        if self.policy == "recompute":
+            keep = (s.pos - self.window + 1) // self.page  # pages below hold no window position
+            win = s.pages["window"]
+            for i in range(s.win_low, min(keep, len(win))):
+                if win[i] >= 0:
+                    self.pools["window"].release(win[i])
+                    win[i] = -1
+                    self.runner.set_page("window", s.slot, i, -1)
+            s.win_low = max(s.win_low, keep)
+
+
+class Engine:
+    """Continuous batching over the paged caches: requests join while others decode, finished ones leave,
+    prefill runs in chunks of several sequences under a per-step token budget, and a request that does not
+    fit waits or preempts the newest running one (its pages go back; it resumes later, usually from its own
+    prefix). graphs: run the decode step as CUDA graphs (runner.py), on CUDA."""
+
+    def __init__(self, model, budget_bytes: int, policy: str = "recompute", max_seqs: int = 16,
+                 token_budget: int = 4096, page: int | None = None, log=print, keep_logits=False, pages=None,
+                 graphs: bool = True):
+        a = model.args
+        ratios = a.compress_ratios[:a.n_layers]  # the MTP block is not run by the engine
+        hca = sorted({r for r in ratios if r not in (0, 4)})
+        # a page holds whole blocks of every ratio and the whole window (then a sequence's window spans at
+        # most 2 pages); by default the first such size from 256 positions, as in vLLM and SGLang
+        unit = math.lcm(4, *hca)
+        page = page or unit * -(-max(256, a.window_size) // unit)
+        if policy not in ("store", "recompute"):
+            raise ValueError(f"window policy must be 'store' or 'recompute', got {policy!r}")
+        if page % unit or page < a.window_size:
+            raise ValueError(f"page {page} must be a multiple of {unit} (lcm of 4 and the HCA ratios) and hold the "
+                             f"window of {a.window_size}")
+        if max_seqs < 1 or token_budget < 1:
+            raise ValueError(f"max_seqs and token_budget must be at least 1, got {max_seqs} and {token_budget}")
+        self.args, self.policy, self.page, self.max_seqs, self.token_budget = a, policy, page, max_seqs, token_budget
+        self.keep_logits = keep_logits
+        row, key = (kv_pool(a, 0, model.dtype, "meta", index=i) for i in (False, True))  # the row formats stored
+        page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages,
+                                  row.shape[1] * row.element_size(), key.shape[1] * key.element_size())
+        self.pools = {k: Pool(k, c, page_bytes[k]) for k, c in counts.items() if page_bytes[k] and c}
+        self.runner = Runner(model, counts, page, max_seqs, graphs, keep_logits)
+        # the smallest ratio of each compressed kind: its entries fill that kind's pages first
+        ratio = {k: m for k, m in (("csa", 4), ("hca", hca[0] if hca else 0)) if k in self.pools}
+        self.pages = Pages(self.pools, page, policy, a.window_size, ratio, self.runner)
+        # Recompute replays from P - replay_tokens to rebuild the state at a hit P. Layer l's window at P needs
+        # its input exact over the W-1 positions before P, a CSA layer's compressor carry over the 4 before;
+        # layer l's input at t is exact once layer l-1's window at t lies inside the replay, so exactness
+        # starts l(W-1) positions into it (layer 0 reads embeddings, exact from the first replayed token).
+        W = a.window_size
+        self.replay_tokens = max(l * (W - 1) + max(W - 1, 4 if r == 4 else 0) for l, r in enumerate(ratios))
+        self.waiting, self.running, self.finished = deque(), [], []
+        self.free_slots, self.metrics, self.next_rid = list(range(max_seqs)), Metrics(), 0
+        log(f"kv cache: policy {policy}, page {page} tokens, pages " + ", ".join(f"{k} {p.n} ({p.page_bytes / page:.0f} "
+            "B/token)" for k, p in self.pools.items()) + f"; minimum reusable prefix {page} tokens; decode "
+            + ("as CUDA graphs" if self.runner.use_graphs else "eager"))
+
+    # ------------------------------------------------------------------------------ requests
+    def add(self, prompt: list, max_new: int, **params) -> int:
+        """Queue a request; returns its id. A request that can never fit gets a ValueError now. params:
+        temperature (0 = greedy), top_p, seed, eos_id."""
+        total = len(prompt) + max_new
+        if not prompt or total > self.args.max_seq_len:
+            raise ValueError(f"request of {len(prompt)} prompt + {max_new} new tokens does not fit the context "
+                             f"of {self.args.max_seq_len} tokens")
+        need = -(-total // self.page)
+        for k in self.pages.prefix_kinds:
+            if need > self.pools[k].n:
+                raise ValueError(f"request of {total} tokens needs {need} {k} pages but the pool holds "
+                                 f"{self.pools[k].n}; raise the memory budget")
+        params = {"temperature": 0.0, "top_p": 1.0, "seed": 0, "eos_id": None, **params}
+        s = Seq(self.next_rid, list(prompt), len(prompt), max_new, params, time.perf_counter())
+        self.next_rid += 1
+        self.waiting.append(s)
+        self.metrics.prompt_tokens += len(prompt)
+        return s.rid
+
+    def admit(self, s: Seq) -> bool:
+        """Resolve s's prefix hit and give it a state slot; False if it must wait."""
+        if not self.free_slots:
+            return False
+        hit, pg = self.pages.hit(s), self.pages
+        k_max = (len(s.tokens) - 1) // self.page
+        if len(hit) < k_max and any(s.page_hashes[len(hit)] in pg.hashes(r, (r.n_prompt - 1) // self.page)[r.published:]
                                     for r in self.running):
             return False  # another request is computing our next page right now: wait and share it
         s.slot = self.free_slots.pop()
-        s.pages = {k: [got.get(k, -1) for got in hit] for k in self.pools}
-        for k, pages in s.pages.items():
-            for p in pages:
-                if p >= 0:
-                    self.pools[k].take(p)
+        pg.take(s, hit)
         P = len(hit) * self.page
         s.admissions += 1
         if s.admissions == 1:  # a preempted request's own pages are not counted as hits
-            for k in ("overall", *self.prefix_kinds):
+            for k in ("overall", *pg.prefix_kinds):
                 self.metrics.hit_tokens[k] += P
-        s.hit_tokens, s.published = P, len(hit)
-        self.reset_state(s, hit[-1].get("carry") if hit else None)
+        s.hit_tokens = P
+        self.runner.reset_slot(s.slot, hit[-1].get("carry") if hit else None)
         if self.policy == "store":
             s.pos = P
         else:
@@ -264,118 +352,29 @@ class Engine:
             # rewrite them; their outputs before the exact point are not kept.
             s.pos = s.replay_start = max(0, (P - self.replay_tokens) // self.page * self.page)
             s.replay_end = P
+            s.win_low = s.pos // self.page
             self.metrics.recomputed_tokens += P - s.pos
         return True
 
-    def reset_state(self, s: Seq, carry: int | None):
-        for ts in self.state.values():
-            for t, empty in zip(ts, (0.0, -math.inf) * 2):  # (kv, score) pairs
-                t[s.slot] = empty
-        if carry is not None:  # resume compression exactly: the block before the hit point
-            for l, cs in self.carry.items():
-                for c, t in zip(cs, self.state[l]):
-                    t[s.slot, :4, :c.shape[-1]] = c[carry]
-
-    # ------------------------------------------------------------------------------ pages
-    def ensure(self, s: Seq, end: int) -> bool:
-        """Hold every page positions [s.pos, end) write to; False when a pool is exhausted. Compressed pages
-        below s.pos's page are held already: they came with the prefix hit or were written before."""
-        stop = {"window": -(-end // self.page)}
-        stop.update({k: -(-(end // m) // (self.page // m)) for k, m in self.ratio.items()})  # finished entries
-        for k, n in stop.items():
-            pages = s.pages[k]
-            pages += [-1] * (n - len(pages))
-            for i in range(s.pos // self.page, n):
-                if pages[i] < 0:
-                    p = self.pools[k].alloc()
-                    if p is None:
-                        return False
-                    pages[i] = p
-        return True
-
     def release(self, s: Seq):
-        for k, pages in s.pages.items():  # tail first, so a prefix's deeper pages are evicted first
-            for p in reversed(pages):
-                if p >= 0:
-                    self.pools[k].release(p)
-        s.pages = {}
+        self.pages.release(s)
         self.free_slots.append(s.slot)
         s.slot = -1
 
-    def after_forward(self, s: Seq):
-        """Publish pages that just became complete; under recompute, drop window pages that slid out."""
-        full = s.pos // self.page
-        if s.published < full:
-            hs = self.hashes(s, full)
-            for i in range(s.published, full):
-                ids = self.page_ids(s, i)
-                for k in self.prefix_kinds:
-                    if s.pages[k][i] >= 0:
-                        self.pools[k].publish(s.pages[k][i], hs[i], ids)
-            if "carry" in self.pools:  # store: chunks end at page boundaries, so s.pos is the boundary
-                p = self.pools["carry"].alloc()  # and the state right now is the carry there
-                if p is not None:
-                    for l, cs in self.carry.items():
-                        for c, t in zip(cs, self.state[l]):
-                            c[p] = t[s.slot, :4, :c.shape[-1]]
-                    self.pools["carry"].publish(p, hs[full - 1], self.page_ids(s, full - 1))
-                    self.pools["carry"].release(p)  # cached from birth: nobody runs on a carry page
-            s.published = full
-        if self.policy == "recompute":  # drop window pages that slid out: the held ones run up to the newest,
-            # so walk down from the last page that slid out until one is dropped already
-            keep = (s.pos - self.args.window_size + 1) // self.page  # pages below hold no window position
-            win, i = s.pages["window"], keep - 1
-            while i >= 0 and win[i] >= 0:
-                self.pools["window"].release(win[i])
-                win[i], i = -1, i - 1
-
-    # ------------------------------------------------------------------------------ forward
-    def views(self, seqs: list, slots: torch.Tensor) -> list:
-        """Per-layer LayerCache views of the pools for this batch: block tables, gathered state rows."""
-        tables = {}
-        for k in ("window", *self.ratio):  # one block table per kind, shared by that kind's layers
-            w = max(1, max(len(s.pages[k]) for s in seqs))
-            tables[k] = torch.tensor([s.pages[k] + [-1] * (w - len(s.pages[k])) for s in seqs], device=self.dev)
-        nw, s0 = self.pools["window"].n * self.page, seqs[0]
-        replay = len(seqs) == 1 and s0.pos < s0.replay_end
-        keep_from = torch.tensor([s0.replay_start], device=self.dev) if replay else None
-        out = []
-        for l, r in enumerate(self.ratios):
-            c = LayerCache(self.kv[l], tables["window"], self.page, max_pos=self.args.max_seq_len)
-            if r:
-                c.comp_table, c.comp_page, c.comp_base = tables["csa" if r == 4 else "hca"], self.page // r, nw
-                c.comp_state = tuple(t[slots] for t in self.state[l][:2])
-            if r == 4:
-                c.index_keys, c.index_state = self.ikeys[l], tuple(t[slots] for t in self.state[l][2:])
-            if replay:  # positions before the replay start are absent; stored entries are not rewritten
-                c.keep_from = keep_from
-                c.emit_from = torch.tensor([s0.replay_end // r if r else 0], device=self.dev)
-            out.append(c)
-        return out
-
-    def forward(self, seqs: list, ids: torch.Tensor, start) -> torch.Tensor:
-        slots = torch.tensor([s.slot for s in seqs], device=self.dev)
-        views = self.views(seqs, slots)
-        logits = self.model(ids, start, views)
-        for l, c in enumerate(views):  # write the gathered compressor state back
-            for t, v in zip(self.state.get(l, ()), (*(c.comp_state or ()), *(c.index_state or ()))):
-                t[slots] = v
-        return logits
-
-    def emit(self, s: Seq, logits_row: torch.Tensor, events: list):
-        """Sample s's next token into events and retire s when it is done (a request for no new tokens is
-        done once its prompt is in)."""
+    def emit(self, s: Seq, out: tuple, logits, events: list):
+        """Record s's next token (from the runner's (token, finite) pair) into events and retire s when it is
+        done (a request for no new tokens is done once its prompt is in)."""
         eos = s.max_new == 0
         if not eos:
-            if not torch.isfinite(logits_row).all():
+            tok, finite = out
+            if not finite:
                 raise FloatingPointError(f"request {s.rid}: the logits at position {s.pos} are NaN or infinite; the "
                                          "weights or the numerics are broken")
-            tok = self.sampler(logits_row, s.params) if self.sampler else int(logits_row.argmax())
-            if self.keep_logits:
-                s.logits.append(logits_row.float().cpu())
+            if logits is not None:
+                s.logits.append(logits)
             if not s.out:  # the first token (a preempted request keeps the ones it has)
                 self.metrics.ttft.append((time.perf_counter() - s.arrived, s.hit_tokens))
-            eos = tok == s.params.get("eos_id")
+            eos = tok == s.params["eos_id"]
             if not eos:  # the EOS id is reported but not kept
                 s.tokens.append(tok)
             events.append((s.rid, tok))
@@ -387,7 +386,7 @@ class Engine:
     def hold(self, s: Seq, end: int) -> bool:
         """Get s the pages up to `end`, preempting the newest other sequences while a pool is exhausted
         (a victim's pages go back and it restarts later, usually from its own published prefix)."""
-        while s in self.running and not self.ensure(s, end):
+        while s in self.running and not self.pages.ensure(s, end):
             victims = [v for v in self.running if v is not s]
             if not victims:
                 raise RuntimeError("a single sequence does not fit the pools")
@@ -399,8 +398,9 @@ class Engine:
         return s in self.running
 
     def step(self) -> list:
-        """One scheduling step: admit, one batched decode of every decoding sequence, then prefill chunks
-        up to the token budget. Returns (rid, token) for every token produced."""
+        """One scheduling step: admit, one batched decode of every decoding sequence, then one forward of
+        prefill chunks of several sequences, padded to the longest, with at most token_budget positions in
+        all. Returns (rid, token) for every token produced."""
         events = []
         while self.waiting and len(self.running) < self.max_seqs and self.admit(self.waiting[0]):
             self.running.append(self.waiting.popleft())
@@ -410,39 +410,39 @@ class Engine:
         dec = [s for s in dec if s in self.running]  # a later hold may preempt an earlier one
         if dec:
             t0 = time.perf_counter()
-            ids = torch.tensor([[s.tokens[-1]] for s in dec], device=self.dev)
-            logits = self.forward(dec, ids, torch.tensor([s.pos for s in dec], device=self.dev))
-            for i, s in enumerate(dec):
+            outs = self.runner.decode([s.row(s.pos + 1, self.pages.carry_for(s), True) for s in dec])
+            for s, (out, logits) in zip(dec, outs):
                 s.pos += 1
-                self.after_forward(s)
-                self.emit(s, logits[i, -1], events)
+                self.pages.after_forward(s)
+                self.emit(s, out, logits, events)
             self.metrics.decode_s += time.perf_counter() - t0
             self.metrics.decode_tokens += len(dec)
-        budget = self.token_budget
+        chunks, width = [], 0
         for s in [s for s in self.running if s.pos < len(s.tokens) - 1]:
-            while budget > 0 and s in self.running and s.pos < len(s.tokens):
-                # chunks end at page boundaries (that is where carry is taken and pages are published)
-                # and at the end of a replay
-                end = min(len(s.tokens), s.pos + budget, (s.pos // self.page + 1) * self.page)
-                end = min(end, s.replay_end) if s.pos < s.replay_end else end
-                if not self.hold(s, end):
-                    break
-                logits = self.forward([s], torch.tensor([s.tokens[s.pos:end]], device=self.dev), s.pos)
-                budget -= end - s.pos
-                self.metrics.computed_tokens += end - s.pos
-                s.pos = end
-                self.after_forward(s)
+            n = min(len(s.tokens) - s.pos, self.token_budget // (len(chunks) + 1))
+            if (len(chunks) + 1) * max(width, n) > self.token_budget or n < 1:
+                break
+            if self.hold(s, s.pos + n):
+                chunks.append((s, n))
+                width = max(width, n)
+        chunks = [(s, n) for s, n in chunks if s in self.running]  # a later hold may preempt an earlier one
+        if chunks:
+            outs = self.runner.prefill([s.row(s.pos + n, self.pages.carry_for(s), s.pos + n == len(s.tokens))
+                                        for s, n in chunks])
+            for (s, n), (out, logits) in zip(chunks, outs):
+                self.metrics.computed_tokens += n
+                s.pos += n
+                self.pages.after_forward(s)
                 if s.pos == len(s.tokens):  # everything is in: the last logits give the next token
-                    self.emit(s, logits[0, -1], events)
-                    break
+                    self.emit(s, out, logits, events)
         return events
-
     def check(self):
         """Invariants: per pool free + cached + in use = total, no negative refs; every reference is a
         running sequence's hold (a carry page only by the sequence admitted on it); state slots add up."""
         for k, p in self.pools.items():
             p.check()
-            holds = Counter(q for s in self.running for q in s.pages.get(k, []) if q >= 0)
+            holds = Counter(q for s in self.running for q in [*s.pages.get(k, []), *(s.new_carry.values() if k ==
+                                                                                     "carry" else ())] if q >= 0)
             assert [holds[q] for q in range(p.n)] == p.ref, f"{k}: page references do not match the block tables"
         assert len(self.free_slots) + len(self.running) == self.max_seqs
 

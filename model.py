@@ -345,8 +345,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.flatten(0, 1)  # [B,S,dim] -> [N,dim]
         w, idx = self.gate(x, ids.flatten())
-        e0 = self.experts[0].w1
-        if e0.fmt == "fp4" and e0.in_features % 128 == 0 and e0.out_features % 128 == 0 and kernels.use_kernels(x.device):
+        if self.uses_grouped(x.device):
             y = self.grouped(x, w, idx)
         else:  # reference dispatch: gather each expert's tokens and run it
             y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -354,6 +353,11 @@ class MoE(nn.Module):
                 tok, slot = torch.where(idx == e)
                 y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
         return (y + self.shared_experts(x).float()).to(x.dtype).view(shape)
+
+    def uses_grouped(self, device) -> bool:
+        """MXFP4 experts on CUDA run as grouped GEMMs; the reference loop waits on the GPU for its expert list."""
+        e0 = self.experts[0].w1
+        return e0.fmt == "fp4" and e0.in_features % 128 == 0 and e0.out_features % 128 == 0 and kernels.use_kernels(device)
 
     def pack(self):
         """Stack the routed MXFP4 experts once ([E, 2*inter, dim/2] for w1 ‖ w3, [E, dim, inter/2] for w2,
@@ -390,9 +394,10 @@ class MoE(nn.Module):
             h = kernels.act_quant(h, bf16_out=True)[0]
         out = kernels.moe_grouped_gemm(h, self.w2s, self.s2, tiles, out_dtype=x.dtype, prequant=big)  # [M_pad, dim]
         # back to (token, slot) order, then a fixed-order sum over the k slots (no atomics: reproducible)
-        y = torch.zeros(x.shape[0] * k, x.shape[1], dtype=torch.float32, device=x.device)
-        y[r[ok]] = out[ok].float()
-        return y.view(x.shape[0], k, -1).sum(1)
+        # (padding rows land in a spare last row: static shapes, no host sync to filter them)
+        y = torch.zeros(x.shape[0] * k + 1, x.shape[1], dtype=torch.float32, device=x.device)
+        y[torch.where(ok, r, x.shape[0] * k)] = out.float()
+        return y[:-1].view(x.shape[0], k, -1).sum(1)
 
 
 # ------------------------------------------------------------------------------------ Transformer
@@ -420,7 +425,7 @@ class Transformer(nn.Module):
     # Tensors a cast (.float(), .to(dtype), .half()) moves but never converts: those V4 computes in fp32
     # whatever the activation dtype (norms, mHC, sink, compressor pooling, router bias, head; spec §9.1),
     # and the stored FP8 / FP4 weights and their scales.
-    FP32 = re.compile(r"(norm\.weight|hc_\w+|attn_sink|ape|gate\.bias|compressor\.(wkv|wgate)\.weight|^head\.weight)$")
+    FP32 = re.compile(r"(norm\.weight|hc_\w+|attn_sink|ape|gate\.bias|compressor\.(wkv|wgate)\.weight)$")
 
     def __init__(self, args: ModelArgs, dtype=torch.bfloat16):
         super().__init__()
@@ -428,7 +433,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, args.dim, dtype=dtype)
         self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.head = Linear(args.dim, args.vocab_size, dtype=torch.float32)  # untied; logits in fp32
+        self.head = Linear(args.dim, args.vocab_size, dtype=dtype)  # untied, stored as shipped (bf16); fp32 logits
         self.hc_head_fn = nn.Parameter(torch.empty(args.hc_mult, args.hc_mult * args.dim, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.empty(args.hc_mult, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
@@ -444,7 +449,10 @@ class Transformer(nn.Module):
         fixed = {id(p) for n, p in self.named_parameters() if self.FP32.search(n) or p.dtype in (FP8, E8M0, FP4)}
 
         def cast(t):  # a fixed tensor only follows the device fn would move it to
-            return t.to(fn(torch.empty(0, device=t.device)).device) if id(t) in fixed else fn(t)
+            if id(t) not in fixed:
+                return fn(t)
+            dev = fn(torch.empty(0, device=t.device)).device
+            return torch.empty_like(t, device=dev) if t.is_meta else t.to(dev)  # (to_empty from meta)
         return super()._apply(cast, recurse)
 
     def new_cache(self, batch: int = 1, max_seq_len: int | None = None) -> list[LayerCache]:
@@ -454,25 +462,35 @@ class Transformer(nn.Module):
         return [new_layer_cache(self.args, r, batch, T, self.dtype, dev) for r in self.args.compress_ratios]
 
     def logits(self, X, owner) -> torch.Tensor:
+        """fp32 logits of x . W with fp32 accumulation, as the reference's x.float() @ W.float(): on CUDA straight
+        from the stored bf16 head (its 1 GB is read once a step, never converted); elsewhere in fp32."""
         h = owner.norm(hc_head(X, owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base, self.args))
-        return F.linear(h.float(), self.head.weight.float())  # [B,S,vocab] fp32
+        W = self.head.weight
+        if h.is_cuda and h.dtype == W.dtype != torch.float32:
+            return torch.mm(h.flatten(0, -2), W.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
+        return F.linear(h.float(), W.float())  # [B,S,vocab] fp32
 
     def forward(self, ids: torch.Tensor, start_pos: int = 0, cache: list[LayerCache] | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, logits_at: torch.Tensor | None = None):
         """ids [B,S] at positions start_pos.. -> fp32 logits [B,S,vocab] (and the 4-stream state the MTP
-        block reads). Without a cache the call must start at position 0."""
+        block reads); with logits_at [B], only row b's logits at position logits_at[b]: [B,vocab]. Without
+        a cache the call must start at position 0."""
         B, S = ids.shape
         if cache is None:
             if torch.as_tensor(start_pos).any():
                 raise ValueError("start_pos > 0 needs the cache of the earlier positions")
             cache = self.new_cache(B, S)  # a scratch cache: the no-cache forward is a prefill from 0
-        end = int(torch.as_tensor(start_pos).max()) + S
-        if end > cache[0].max_pos:
-            raise ValueError(f"positions up to {end} exceed the cache capacity {cache[0].max_pos}")
+        if not (torch.is_tensor(start_pos) and start_pos.is_cuda):  # (a GPU tensor would cost a host sync)
+            end = int(torch.as_tensor(start_pos).max()) + S
+            if end > cache[0].max_pos:
+                raise ValueError(f"positions up to {end} exceed the cache capacity {cache[0].max_pos}")
         X = self.embed(ids)[:, :, None].expand(B, S, self.args.hc_mult, self.args.dim).contiguous()  # [B,S,n,d]
         for i, layer in enumerate(self.layers):
             X = layer(X, start_pos, ids, cache[i])
+        if logits_at is not None:  # the positions that sample: [B,S,n,d] -> [B,1,n,d]
+            X = X[torch.arange(B, device=X.device), logits_at][:, None]
         logits = self.logits(X, self)
+        logits = logits[:, 0] if logits_at is not None else logits
         return (logits, X) if return_hidden else logits
 
     def mtp_forward(self, X_main: torch.Tensor, next_ids: torch.Tensor, start_pos: int = 0,
@@ -494,11 +512,11 @@ def init_random_(model: Transformer, seed: int = 0) -> Transformer:
     """Seeded random weights scaled so activations stay O(1) through the stack (tests, the untrained demo).
     Quantized Linears get a random float weight rounded to their storage format."""
     from mxfp4 import fp8_block_quantize, mxfp4_quantize
-    g = torch.Generator().manual_seed(seed)
     dev = model.embed.weight.device
+    g = torch.Generator(device=dev).manual_seed(seed)  # drawn where the model lives: fast for full-size models
 
     def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g) * std).to(dev)
+        return torch.randn(*shape, generator=g, device=dev) * std
 
     for mod in model.modules():
         if isinstance(mod, Linear):
@@ -531,7 +549,7 @@ def init_random_(model: Transformer, seed: int = 0) -> Transformer:
     for mod in model.modules():
         if isinstance(mod, Gate) and mod.hash:  # k distinct experts per token id
             E = model.args.n_routed_experts
-            mod.tid2eid.copy_(torch.rand(mod.tid2eid.shape[0], E, generator=g).argsort(-1)[:, :mod.topk].to(dev))
+            mod.tid2eid.copy_(torch.rand(mod.tid2eid.shape[0], E, generator=g, device=dev).argsort(-1)[:, :mod.topk])
     return model
 
 

@@ -19,10 +19,21 @@ E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2
 _E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 
 
+_ON_DEVICE: dict = {}
+
+
+def on_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A constant table on `device`, copied once (a copy per call would break CUDA graph capture)."""
+    key = (id(t), torch.device(device))
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = t.to(device)
+    return _ON_DEVICE[key]
+
+
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """Round x (already scaled into [-6, 6]) to the nearest e2m1 value, ties to even; returns uint8 codes."""
     mag = x.float().abs().clamp(max=FP4_MAX)
-    mids = _E2M1_MIDPOINTS.to(x.device)
+    mids = on_device(_E2M1_MIDPOINTS, x.device)
     code = torch.bucketize(mag, mids, right=False)  # mag == midpoint stays on the lower side...
     odd_tie = torch.isin(mag, mids) & (code % 2 == 1)  # ...unless the lower code is odd: then go up
     code = code + odd_tie.to(code.dtype)
@@ -30,7 +41,7 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    return E2M1_VALUES.to(codes.device)[codes.long()]
+    return on_device(E2M1_VALUES, codes.device)[codes.long()]
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:

@@ -588,8 +588,8 @@ def test_a_cast_model_runs_entirely_as_cast(tmp_path, fp8):
         assert seen == {cast} and all(c.kv.dtype in (cast, torch.uint8) for c in caches[0])
         assert torch.equal(out, want)
         e = Engine(m, 16 << 20, max_seqs=1, log=lambda *a: None)
-        assert all(kv.dtype in (cast, torch.uint8) for kv in e.kv.values())
-        assert (cast == torch.bfloat16 and fp8) == (e.kv[2].dtype == torch.uint8)  # packed rows in bf16 only
+        assert all(kv.dtype in (cast, torch.uint8) for kv in e.runner.kv.values())
+        assert (cast == torch.bfloat16 and fp8) == (e.runner.kv[2].dtype == torch.uint8)  # packed rows in bf16 only
 
 
 @pytest.mark.parametrize("corrupt, message", [
@@ -697,21 +697,35 @@ def test_hf_tokenizer_bad_merge_order_is_a_clear_error(tmp_path):
 
 
 def test_sample_greedy_and_top_p():
+    """runner.sample: Gumbel-max with noise hashed from (seed, position, id), so it runs inside a graph."""
+    from runner import sample
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(8, 300, generator=g) * 3
-    assert torch.equal(G.sample(logits, 0.0, 1.0, g), logits.argmax(-1))
-    for _ in range(20):  # p below every top probability leaves only the argmax
-        assert torch.equal(G.sample(logits, 0.7, 1e-6, g), logits.argmax(-1))
-    # top_p = 1: empirical frequencies of 20k draws match softmax(logits / T); the standard error of a
-    # frequency is at most sqrt(0.25 / 20000) = 0.0035, so 0.015 is over 4 sigma
-    row = torch.randn(1, 10, generator=g)
-    draws = G.sample(row.expand(20000, 10), 0.8, 1.0, torch.Generator().manual_seed(2))
-    freq = torch.bincount(draws, minlength=10).float() / draws.numel()
+    full = lambda v, n=8: torch.full((n,), v)  # noqa: E731
+    seeds, pos = torch.arange(8), torch.full((8,), 5)
+    assert torch.equal(sample(logits, full(0.0), full(1.0), seeds, pos), logits.argmax(-1))
+    for s in range(20):  # p below every top probability leaves only the argmax
+        assert torch.equal(sample(logits, full(0.7), full(1e-6), seeds + 8 * s, pos), logits.argmax(-1))
+    assert torch.equal(sample(logits * 1e4, full(1e-6), full(1.0), seeds, pos), logits.argmax(-1))  # no overflow
+    # top_p = 1: empirical frequencies of 20k draws (20k seeds) match softmax(logits / T); the standard error
+    # of a frequency is at most sqrt(0.25 / 20000) = 0.0035, so 0.015 is over 4 sigma
+    row, n = torch.randn(1, 10, generator=g), 20000
+    draws = sample(row.expand(n, 10), full(0.8, n), full(1.0, n), torch.arange(n), torch.full((n,), 3))
+    freq = torch.bincount(draws, minlength=10).float() / n
     assert (freq - torch.softmax(row[0] / 0.8, -1)).abs().max() < 0.015
-    # top_p = 0.5 draws only from the smallest prefix of the sorted probabilities that reaches 0.5
+    # and over 20k positions of one seed
+    draws = sample(row.expand(n, 10), full(0.8, n), full(1.0, n), torch.full((n,), 7), torch.arange(n))
+    assert (torch.bincount(draws, minlength=10).float() / n - torch.softmax(row[0] / 0.8, -1)).abs().max() < 0.015
+    # top_p = 0.5 draws only from the smallest prefix of the sorted probabilities that reaches 0.5, and all of it
     p, order = torch.softmax(row[0] / 0.8, -1).sort(descending=True)
     allowed = set(order[:int((p.cumsum(0) < 0.5).sum()) + 1].tolist())
-    assert set(G.sample(row.expand(2000, 10), 0.8, 0.5, torch.Generator().manual_seed(3)).tolist()) == allowed
+    assert set(sample(row.expand(2000, 10), full(0.8, 2000), full(0.5, 2000), torch.arange(2000),
+                      full(0, 2000)).tolist()) == allowed
+    # a row's draw depends on its own seed and position only, not on the batch around it
+    one = sample(row, full(0.8, 1), full(0.9, 1), torch.tensor([123]), torch.tensor([9]))
+    batch = sample(torch.cat([torch.randn(3, 10, generator=g), row]), full(0.8, 4), full(0.9, 4),
+                   torch.tensor([1, 2, 3, 123]), torch.tensor([4, 4, 4, 9]))
+    assert batch[3] == one[0]
 
 
 def test_generate_greedy_matches_no_cache_recompute():
@@ -719,7 +733,7 @@ def test_generate_greedy_matches_no_cache_recompute():
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (20, 7, 33)]
     seen = []
-    engine = G.engine_for(model, kv_gb=0.05, log=lambda m: None)
+    engine = G.engine_for(model, kv_gb=0.1, log=lambda m: None)
     outs = G.generate(engine, prompts, 8, temperature=0.0, on_token=lambda i, t: seen.append((i, t)))
     for i, p in enumerate(prompts):  # slow path: the full sequence from position 0, no cache
         ids = list(p)
@@ -729,7 +743,7 @@ def test_generate_greedy_matches_no_cache_recompute():
         assert outs[i] == ids[len(p):] and [t for j, t in seen if j == i] == outs[i]
     # sampling is reproducible from the seed
     kw = dict(temperature=1.0, top_p=0.9, seed=7)
-    run = lambda: G.generate(G.engine_for(model, kv_gb=0.05, log=lambda m: None), prompts[:1] * 2, 6, **kw)  # noqa: E731
+    run = lambda: G.generate(G.engine_for(model, kv_gb=0.1, log=lambda m: None), prompts[:1] * 2, 6, **kw)  # noqa: E731
     a, b = run(), run()
     assert a == b and a[0] != a[1]  # request i samples with seed + i
 
@@ -1015,6 +1029,33 @@ def test_indexer_ties_break_the_same_way_for_any_call_span():
     assert torch.equal(got, sel[0][:, :260].sort(-1).values)  # the same entries, chunk by chunk
 
 
+@pytest.mark.parametrize("policy", ["recompute", "store"])
+def test_engine_prefills_multi_page_chunks_of_several_sequences(policy):
+    """Chunks independent of the page: a 70-position budget (not a multiple of the 16-token page) prefills
+    several sequences per forward, padded to the longest, with chunks spanning page boundaries (pages
+    published and carry taken inside a chunk); hits on those pages and every token equal the no-cache forward."""
+    model = random_model(micro_args(), seed=12)
+    g = torch.Generator().manual_seed(23)
+    base = torch.randint(0, 64, (90,), generator=g).tolist()
+    prompts = [base, base[:75] + [1, 2, 3], torch.randint(0, 64, (41,), generator=g).tolist(), [5, 9], base[:33]]
+    e = Engine(model, 0, policy=policy, max_seqs=4, token_budget=70, page=16, keep_logits=True, log=lambda *a: None,
+               pages=40)
+    shapes = []
+    orig = e.runner.prefill
+    e.runner.prefill = lambda rows: shapes.append([len(r.tokens) for r in rows]) or orig(rows)
+    for p in prompts[:1]:
+        e.add(p, 4)
+    e.run()
+    for p in prompts[1:]:
+        e.add(p, 4)
+    while e.waiting or e.running:
+        e.step()
+        e.check()
+    check_against_forward(model, e, prompts, 4)
+    assert any(len(s) > 1 for s in shapes) and max(max(s) for s in shapes) > 16  # batched; chunks over a page
+    assert sorted(e.finished, key=lambda s: s.rid)[1].hit_tokens == 64  # pages published inside chunks
+
+
 def test_pool_reuses_unreusable_pages_first_and_evicts_tails_first():
     from kvcache import Pool
     p = Pool("csa", 4, 1)
@@ -1088,9 +1129,9 @@ def test_cache_geometry_matches_spec_and_allocations():
     # the tiny engine's allocated pools hold exactly what plan() says
     model = random_model(small_args(), seed=6)
     e = Engine(model, 64 << 20, policy="store", max_seqs=2, log=lambda *a: None)
-    kv_bytes = sum(t.numel() * t.element_size() for t in e.kv.values()) + sum(
-        t.numel() * t.element_size() for t in e.ikeys.values())
-    carry = sum(t.numel() * 4 for ts in e.carry.values() for t in ts)
+    r = e.runner  # every pool has one spare row (a sink for writes nobody keeps)
+    kv_bytes = sum((t.numel() - t.shape[-1]) * t.element_size() for t in [*r.kv.values(), *r.ikeys.values()])
+    carry = sum((t.numel() - t[0].numel()) * 4 for ts in r.carry.values() for t in ts)
     expect = sum(p.n * p.page_bytes for k, p in e.pools.items() if k != "carry")
     assert kv_bytes == expect and carry == e.pools["carry"].n * e.pools["carry"].page_bytes
 
@@ -1121,8 +1162,8 @@ def test_fp8_model_stores_packed_rows_and_matches_a_plain_pool():
     else:
         assert torch.equal(outs[0], outs[1])
     e = Engine(model, 64 << 20, policy="store", max_seqs=2, log=lambda *a: None)
-    assert all(kv.dtype == torch.uint8 and kv.shape[1] == row for kv in e.kv.values())
-    assert all(k.dtype == torch.uint8 and k.shape[1] == key for k in e.ikeys.values())
+    assert all(kv.dtype == torch.uint8 and kv.shape[1] == row for kv in e.runner.kv.values())
+    assert all(k.dtype == torch.uint8 and k.shape[1] == key for k in e.runner.ikeys.values())
     assert e.pools["hca"].page_bytes == 2 * row * args.compress_ratios.count(128)  # 2 entries a page, HCA layers
     # V4-Flash per token: CSA entry + indexer key over 4 tokens, HCA entry over 128, per layer: spec §10.2's
     # 3,514 bytes (FP8 entries, MXFP4 indexer)
@@ -1852,11 +1893,11 @@ def test_model_runs_the_kernels_on_cuda_and_matches_the_reference(monkeypatch):
     monkeypatch.setattr(M.Block, "hc_pre", lambda self, *a: both("hc_pre", orig_pre, self, *a))
     monkeypatch.setattr(M.Block, "hc_post", staticmethod(lambda *a: both("hc_post", orig_post, *a)))
 
-    def comp_both(self, x, pos, freqs, state):  # forward updates the carry in place: the reference gets a copy
+    def comp_both(self, x, pos, freqs, state, *rest):  # forward updates the state in place: the reference gets a copy
         monkeypatch.setenv("V4_NO_KERNELS", "1")
-        e, _, ok = orig_comp(self, x, pos, freqs, tuple(t.clone() for t in state))
+        e, _, ok = orig_comp(self, x, pos, freqs, tuple(t.clone() for t in state), *rest)
         monkeypatch.setenv("V4_NO_KERNELS", "0")
-        out = orig_comp(self, x, pos, freqs, state)
+        out = orig_comp(self, x, pos, freqs, state, *rest)
         seen["comp"].append((out[0][out[2]], e[ok]))
         return out
     monkeypatch.setattr(attention.Compressor, "forward", comp_both)
@@ -1881,3 +1922,29 @@ def test_model_runs_the_kernels_on_cuda_and_matches_the_reference(monkeypatch):
     for f, r in seen["indexer"]:
         for a, b in zip(f.flatten(0, 1).tolist(), r.flatten(0, 1).tolist()):
             assert {x for x in a if x >= 0} == {x for x in b if x >= 0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_decode_matches_eager_decode():
+    """The decode step replayed from CUDA graphs (one per batch bucket) gives the tokens and logits of the
+    same step run eagerly, over many steps with sequences joining and leaving the batch, greedy and sampled."""
+    args = small_args(n_heads=16, dtype="fp8", expert_dtype="fp4")
+    model = init_random_(Transformer(args, torch.bfloat16), 12).cuda().eval()
+    g = torch.Generator().manual_seed(22)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 130, 300, 17, 64, 9, 260)]
+    results = []
+    for graphs in (True, False):
+        e = Engine(model, 256 << 20, max_seqs=8, keep_logits=True, log=lambda *a: None, graphs=graphs)
+        assert e.runner.use_graphs == graphs
+        for i, p in enumerate(prompts):
+            sampled = dict(temperature=0.8, top_p=0.9, seed=i) if i % 3 == 2 else {}
+            e.add(p, 20 + 7 * i, **sampled)
+            for _ in range(i % 3 * 4):  # the next request arrives a few steps later
+                e.step()
+        e.run()
+        results.append((sorted(e.finished, key=lambda s: s.rid), dict(e.runner.graphs)))
+    (fast, graphs), (slow, _) = results
+    assert len({key[0] for key in graphs}) >= 3  # several batch buckets were captured and replayed
+    for a, b in zip(fast, slow):
+        assert a.out == b.out, a.rid
+        assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) < 1e-3, a.rid
