@@ -84,9 +84,8 @@ def mxfp4_ref(codes, scale):
 
 
 # ==================================================================================== 1. indexer top-k
-# score(t, j) = sum_h w[t,h] * relu(q[t,h] . key_j) * scale_j over the visible entries j < n_keys[t], then
-# the exact top-k. Keys are read once, at their stored precision: relu(s x) = s relu(x) for the positive
-# per-key scale, so the dot runs on raw e4m3 (WGMMA / tcgen05 FP8) and the scale is applied per column.
+# score(t, j) = sum_h w[t,h] * relu(q[t,h] . key_j) over the visible entries j < n_keys[t], then the exact
+# top-k. bf16 queries; keys are read once, as stored: bf16, or MXFP4 rows scaled inside tl.dot_scaled.
 #
 # Top-k is exact. Rows of up to TOPK_ROW_MAX entries: one register-resident program per row bisects for the
 # k-th key (_topk_row_kernel). Longer rows: four short launches over the fp32 logits (1 MB per 256K row, L2
@@ -113,9 +112,9 @@ def _ordered_key(x):
     return i ^ ((i >> 31) & 0x7FFFFFFF)
 
 
-# Configs: one page (64 entries, 8 KB of e4m3) per step; 4 warps (one warpgroup, M = 64) keep registers
-# low so several programs share an SM; 4-6 stages keep 24-40 KB in flight per program, around what HBM
-# latency x bandwidth per SM asks for. (8 stages won at batch 1 and lost a third at batch 32: the
+# Configs: one page (64 entries: 4.3 KB of MXFP4 rows, 16 KB of bf16) per step; 4 warps (one warpgroup,
+# M = 64) keep registers low so several programs share an SM; 4-6 stages keep 3-5 pages in flight per program
+# to hide HBM latency (chosen on 8 KB fp8 pages). (8 stages won at batch 1 and lost a third at batch 32: the
 # autotuning key has no batch, so it is left out.)
 _SCORE_CONFIGS = [
     triton.Config({"CHUNK": 32}, num_warps=4, num_stages=4),
@@ -123,12 +122,11 @@ _SCORE_CONFIGS = [
 ]
 
 
-@_autotune(_SCORE_CONFIGS, key=["HI", "CI", "HAS_SCALE", "stride_lt"])
+@_autotune(_SCORE_CONFIGS, key=["HI", "CI", "stride_lt"])
 @triton.jit
-def _indexer_score_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, bt_ptr, nk_ptr, logit_ptr, mm_ptr, ws_ptr,
-                          stride_qt, stride_qh, stride_wt, stride_kp, stride_ke, stride_sp, stride_bt,
-                          stride_lt, stride_mt, stride_wst,
-                          HI: tl.constexpr, CI: tl.constexpr, PAGE: tl.constexpr, HAS_SCALE: tl.constexpr,
+def _indexer_score_kernel(q_ptr, w_ptr, k_ptr, bt_ptr, nk_ptr, logit_ptr, mm_ptr, ws_ptr,
+                          stride_qt, stride_qh, stride_wt, stride_kp, stride_ke, stride_bt, stride_lt, stride_mt,
+                          stride_wst, HI: tl.constexpr, CI: tl.constexpr, PAGE: tl.constexpr,
                           UPCAST: tl.constexpr, CHUNK: tl.constexpr, ZERO_WS: tl.constexpr, FP4: tl.constexpr):
     """Program (t, s) scores the s-th contiguous share of row t's live pages; writes logits, min/max.
     With ZERO_WS, program (t, 0) also zeroes row t of the top-k workspace (saves a memset launch).
@@ -171,12 +169,8 @@ def _indexer_score_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, bt_ptr, nk_ptr, logit_ptr
                 k = tl.load(krow + offs_c[None, :], eviction_policy="evict_first")  # [E, cI] one page, streamed once
                 if UPCAST:
                     k = k.to(tl.float32)
-                elif k.dtype != q.dtype:
-                    k = k.to(q.dtype)  # e4m3 keys against bf16 queries
                 s = tl.dot(k, tl.trans(q))  # [E, cI] x [cI, HI] -> [E, HI] fp32
             score = tl.sum(tl.maximum(s, 0.0) * w[None, :], axis=1)  # [E]
-            if HAS_SCALE:
-                score *= tl.load(ks_ptr + page * stride_sp + offs_e)
             ent = (c0 + j) * PAGE + offs_e
             valid = ent < n
             tl.store(logit_ptr + t * stride_lt + ent, score, mask=valid)
@@ -344,21 +338,16 @@ def _topk_row_kernel(logit_ptr, nk_ptr, out_ptr, K, W, stride_lt, stride_ot, BLO
     tl.store(out_ptr + t * stride_ot + pad, tl.full([KPAD], -1, tl.int32), mask=(pad >= need) & (pad < K))
 
 
-def _check_indexer(q, w, keys, key_scale, block_table, n_keys):
-    _check(q.dim() == 3 and q.dtype in (torch.bfloat16, torch.float8_e4m3fn) and q.stride(-1) == 1,
-           f"q must be [T, HI, cI] bf16 or float8_e4m3fn with a contiguous last dim, got {tuple(q.shape)} {q.dtype}")
+def _check_indexer(q, w, keys, block_table, n_keys):
+    _check(q.dim() == 3 and q.dtype == torch.bfloat16 and q.stride(-1) == 1,
+           f"q must be [T, HI, cI] bf16 with a contiguous last dim, got {tuple(q.shape)} {q.dtype}")
     T, HI, CI = q.shape
     fp4 = keys.dtype == torch.uint8  # MXFP4 rows: CI/2 code bytes + CI/32 scale bytes
     _check(keys.dim() == 3 and keys.shape[2] == (CI // 2 + CI // 32 if fp4 else CI) and keys.is_contiguous()
-           and keys.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.uint8),
-           f"keys must be a contiguous [P, E, {CI}] bf16/e4m3 pool or [P, E, {CI // 2 + CI // 32}] uint8 MXFP4 rows, "
+           and keys.dtype in (torch.bfloat16, torch.uint8),
+           f"keys must be a contiguous [P, E, {CI}] bf16 pool or [P, E, {CI // 2 + CI // 32}] uint8 MXFP4 rows, "
            f"got {tuple(keys.shape)} {keys.dtype}")
-    _check(q.dtype == keys.dtype or q.dtype == torch.bfloat16, "e4m3 queries need e4m3 keys (bf16 queries take any)")
-    _check(not fp4 or key_scale is None, "MXFP4 keys carry their own scales: key_scale must be None")
     _check(w.shape == (T, HI) and w.dtype == torch.float32 and w.stride(-1) == 1, f"w must be [{T}, {HI}] fp32")
-    _check(key_scale is None or (key_scale.shape == keys.shape[:2] and key_scale.dtype == torch.float32
-                                 and key_scale.is_contiguous()),
-           f"key_scale must be None or a contiguous [{keys.shape[0]}, {keys.shape[1]}] fp32 tensor")
     _check(block_table.dim() == 2 and block_table.shape[0] == T and block_table.dtype == torch.int32
            and block_table.stride(-1) == 1, f"block_table must be [{T}, max_pages] int32")
     _check(n_keys.shape == (T,) and n_keys.dtype == torch.int32, f"n_keys must be [{T}] int32")
@@ -366,10 +355,10 @@ def _check_indexer(q, w, keys, key_scale, block_table, n_keys):
            "HI, cI and entries per page must be powers of two")
 
 
-def indexer_scores(q, w, keys, key_scale, block_table, n_keys, ws=None):
+def indexer_scores(q, w, keys, block_table, n_keys, ws=None):
     """Logits [T, max_pages*E] fp32 (entries >= n_keys[t] unwritten) and each program's (max, min) [T, ns, 2];
     zeroes the top-k workspace ws [T, 258] int32 on the way when given."""
-    _check_indexer(q, w, keys, key_scale, block_table, n_keys)
+    _check_indexer(q, w, keys, block_table, n_keys)
     T, HI, CI = q.shape
     E = keys.shape[1]
     N = block_table.shape[1] * E
@@ -380,14 +369,11 @@ def indexer_scores(q, w, keys, key_scale, block_table, n_keys, ws=None):
     if T == 0:
         return logits, mm
     meta = {"num_warps": 4, "CHUNK": 4} if INTERPRET else {}
-    ks = key_scale if key_scale is not None else logits  # dummy pointer when HAS_SCALE is off
     _indexer_score_kernel[(T, ns)](
-        q, w, keys, ks, block_table, n_keys, logits, mm, ws if ws is not None else mm,
-        q.stride(0), q.stride(1), w.stride(0), keys.stride(0), keys.stride(1),
-        key_scale.stride(0) if key_scale is not None else 0, block_table.stride(0), logits.stride(0), mm.stride(0),
-        ws.stride(0) if ws is not None else 0,
-        HI=HI, CI=CI, PAGE=E, HAS_SCALE=key_scale is not None, UPCAST=INTERPRET, ZERO_WS=ws is not None,
-        FP4=keys.dtype == torch.uint8, **meta)
+        q, w, keys, block_table, n_keys, logits, mm, ws if ws is not None else mm,
+        q.stride(0), q.stride(1), w.stride(0), keys.stride(0), keys.stride(1), block_table.stride(0),
+        logits.stride(0), mm.stride(0), ws.stride(0) if ws is not None else 0,
+        HI=HI, CI=CI, PAGE=E, UPCAST=INTERPRET, ZERO_WS=ws is not None, FP4=keys.dtype == torch.uint8, **meta)
     return logits, mm
 
 
@@ -449,32 +435,29 @@ def topk_row_ref(logits, n_keys, k):
 TOPK_ROW_MAX = 8192
 
 
-def indexer_topk(q, w, keys, key_scale, block_table, n_keys, k):
-    """Top-k LOGICAL entry ids [T, k] int32 of score(j) = sum_h w[h] relu(q[h].key_j) scale_j, j < n_keys[t],
+def indexer_topk(q, w, keys, block_table, n_keys, k):
+    """Top-k LOGICAL entry ids [T, k] int32 of score(j) = sum_h w[h] relu(q[h].key_j), j < n_keys[t],
     -1 padded when n_keys[t] < k; order arbitrary."""
     if block_table.shape[1] * keys.shape[1] <= TOPK_ROW_MAX:  # capacity, known on the host: graph safe
-        return topk_row(indexer_scores(q, w, keys, key_scale, block_table, n_keys)[0], n_keys, k)
+        return topk_row(indexer_scores(q, w, keys, block_table, n_keys)[0], n_keys, k)
     ws = torch.empty(q.shape[0], HIST_BINS + 2, dtype=torch.int32, device=q.device)  # zeroed by the scoring
-    logits, mm = indexer_scores(q, w, keys, key_scale, block_table, n_keys, ws)
+    logits, mm = indexer_scores(q, w, keys, block_table, n_keys, ws)
     return topk_select(logits, mm, n_keys, k, ws)
 
 
-def indexer_scores_ref(q, w, keys, key_scale, block_table, n_keys):
+def indexer_scores_ref(q, w, keys, block_table, n_keys):
     """Torch reference logits [T, max_pages*E] fp32, -inf beyond n_keys[t]."""
     g = keys[block_table.clamp(min=0).long()].flatten(1, 2)  # [T, max_pages*E, cI] logical order
     if keys.dtype == torch.uint8:  # MXFP4 rows: the codes, then the per-32 scales
         g = mxfp4_ref(g[..., :q.shape[-1] // 2], g[..., q.shape[-1] // 2:])
-    g = g.float()
-    s = torch.einsum("thc,tnc->thn", q.float(), g).relu()  # [T,HI,N]
+    s = torch.einsum("thc,tnc->thn", q.float(), g.float()).relu()  # [T,HI,N]
     score = (s * w[..., None]).sum(1)  # [T,N]
-    if key_scale is not None:
-        score = score * key_scale[block_table.clamp(min=0).long()].flatten(1, 2)
     j = torch.arange(score.shape[1], device=q.device)
     return score.masked_fill(j[None] >= n_keys[:, None], -math.inf)
 
 
-def indexer_topk_ref(q, w, keys, key_scale, block_table, n_keys, k):
-    return topk_row_ref(indexer_scores_ref(q, w, keys, key_scale, block_table, n_keys), n_keys, k)
+def indexer_topk_ref(q, w, keys, block_table, n_keys, k):
+    return topk_row_ref(indexer_scores_ref(q, w, keys, block_table, n_keys), n_keys, k)
 
 
 # ====================================================================== 2./3. sparse and HCA attention
