@@ -294,7 +294,7 @@ class Indexer(nn.Module):
             table = (cache.comp_table[:, :, None] * r + torch.arange(r, device=x.device)).flatten(1)  # [B,pages*r]
             return kernels.indexer_topk(  # scores the pages in place, exact top-k over the visible entries
                 q.reshape(B * S, self.n_heads, self.head_dim), w.reshape(B * S, -1).float(),
-                cache.index_keys[:-1].view(-1, 64, cache.index_keys.shape[1]), None, table.repeat_interleave(S, 0).int(),
+                cache.index_keys[:-1].view(-1, 64, cache.index_keys.shape[1]), table.repeat_interleave(S, 0).int(),
                 limit.reshape(-1).int(), self.topk).view(B, S, -1).long()
         j = torch.arange(T, device=x.device)[None].expand(B, -1)  # [B,T]
         keys = kv_load(cache.index_keys, page_rows(cache.comp_table, j, E), self.head_dim, 0, q.dtype)  # [B,T,c_I]
