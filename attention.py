@@ -399,6 +399,8 @@ class Attention(nn.Module):
         if self.ratio:
             m = self.ratio
             limit = (pos + 1) // m  # entry j is visible once its last token j*m+m-1 has been seen
+            if cache.n_tok is not None:  # padding reads no entry the row's real tokens have not completed
+                limit = torch.minimum(limit, ((start + cache.n_tok) // m)[:, None])
             self.compress(self.compressor, x, pos, freqs, cache, index=False)
             if self.indexer is not None:
                 self.compress(self.indexer.compressor, x, pos, freqs, cache, index=True)

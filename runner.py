@@ -26,12 +26,14 @@ def _uniform(seed: torch.Tensor, pos: torch.Tensor, V: int) -> torch.Tensor:
     return (((x ^ (x >> 16)) >> 8).float() + 0.5) / 2**24
 
 
-def sample(logits, temperature, top_p, seed, pos, nucleus: bool = True) -> torch.Tensor:
+def sample(logits, temperature, top_p, seed, pos, nucleus: bool = True, greedy: bool = False) -> torch.Tensor:
     """logits [B,V] fp32 -> ids [B]: argmax where temperature[b] is 0, else a draw from softmax(logits / T)
     cut to the smallest set of top tokens holding top_p[b] of the mass (the top token always stays). The draw
     is the Gumbel-max trick, argmax(logits / T + g) with g = -log(-log u), u hashed from (seed[b], pos[b], id):
     the same request, seed and position always give the same token, in a graph or not. nucleus=False skips
-    the sort when every top_p is 1."""
+    the sort when every top_p is 1, greedy=True everything but the argmax when every temperature is 0."""
+    if greedy:
+        return logits.argmax(-1)
     z = (logits - logits.amax(-1, keepdim=True)) / temperature.clamp(min=1e-6)[:, None]  # max first: no overflow
     if nucleus:
         p, order = torch.softmax(z, -1).sort(-1, descending=True)  # [B,V]
@@ -133,10 +135,16 @@ class Runner:
         return out
 
     # ------------------------------------------------------------------------------ forwards
-    def _outputs(self, logits, temperature, top_p, seed, pos, nucleus=True):
-        """Sampled ids and a finite flag per row, in one tensor so one copy brings both back."""
-        tok = sample(logits, temperature, top_p, seed, pos, nucleus)
+    def _outputs(self, logits, temperature, top_p, seed, pos, mode=2):
+        """Sampled ids and a finite flag per row, in one tensor so one copy brings both back. mode: 0 greedy
+        rows only, 1 sampling without a nucleus cut, 2 with one."""
+        tok = sample(logits, temperature, top_p, seed, pos, nucleus=mode == 2, greedy=mode == 0)
         return torch.stack([tok, torch.isfinite(logits).all(-1).long()])
+
+    @staticmethod
+    def mode(rows: list) -> int:
+        """0 when every row is greedy, 2 when one cuts a nucleus, else 1 (see _outputs)."""
+        return max((r.params["temperature"] > 0) * (1 + (r.params["top_p"] < 1)) for r in rows)
 
     def _params(self, rows: list, pad: int = 0):
         p = [r.params for r in rows] + [{"temperature": 0.0, "top_p": 1.0, "seed": 0}] * pad
@@ -159,16 +167,16 @@ class Runner:
             c.n_tok = n_tok
         logits = self.model(ids, start, views, logits_at=n_tok - 1)  # [B,V]
         f, seed = self._params(rows)
-        out = self._outputs(logits, *f.to(self.dev), seed.to(self.dev), start + n_tok).tolist()
+        out = self._outputs(logits, *f.to(self.dev), seed.to(self.dev), start + n_tok, self.mode(rows)).tolist()
         kept = logits.float().cpu() if self.keep_logits else None
         return [((out[0][b], bool(out[1][b])), kept[b] if kept is not None else None) if r.sample else (None, None)
                 for b, r in enumerate(rows)]
 
-    def _decode_fn(self, buf: dict, nucleus: bool):
+    def _decode_fn(self, buf: dict, mode: int):
         """One decode step over the static buffers; its outputs are fresh tensors the graph keeps."""
         views = self.views(buf["slots"], carry_pages=buf["carry"][:, None])
         logits = self.model(buf["ids"][:, None], buf["pos"], views)[:, 0]  # [B,V]
-        return self._outputs(logits, buf["temp"], buf["top_p"], buf["seed"], buf["pos"] + 1, nucleus), logits
+        return self._outputs(logits, buf["temp"], buf["top_p"], buf["seed"], buf["pos"] + 1, mode), logits
 
     @torch.inference_mode()
     def decode(self, rows: list) -> list:
@@ -177,7 +185,7 @@ class Runner:
         self.flush()
         B = len(rows)
         bucket = 1 << (B - 1).bit_length()
-        nucleus = any(r.params["top_p"] < 1 and r.params["temperature"] > 0 for r in rows)
+        mode = self.mode(rows)
         buf = self.buffers.get(bucket)
         if buf is None:  # static inputs: ids, pos, slots, seed, carry page | temperature, top_p (rows of two tensors)
             ints, floats = torch.zeros(5, bucket, dtype=torch.long, device=self.dev), torch.ones(2, bucket, device=self.dev)
@@ -191,31 +199,31 @@ class Runner:
                                         [(r.carry or [-1])[0] for r in rows] + [-1] * pad]))
         buf["floats"].copy_(f)
         if self.use_graphs:
-            key = (bucket, nucleus)
+            key = (bucket, mode)
             if key not in self.graphs:
-                self.graphs[key] = self._capture(buf, nucleus)
+                self.graphs[key] = self._capture(buf, mode)
             graph, (out, logits) = self.graphs[key]
             graph.replay()
         else:
-            out, logits = self._decode_fn(buf, nucleus)
+            out, logits = self._decode_fn(buf, mode)
         out = out.tolist()
         kept = logits[:B].float().cpu() if self.keep_logits else None
         return [((out[0][b], bool(out[1][b])), kept[b] if kept is not None else None) for b in range(B)]
 
-    def _capture(self, buf: dict, nucleus: bool):
+    def _capture(self, buf: dict, mode: int):
         """Warm up (compiles and autotunes the kernels outside the capture) with the real inputs copied aside
         and every row pointed at the spare slot, whose tables are empty: warm-up writes land in sink rows."""
         real = {k: buf[k].clone() for k in ("ints", "floats")}
-        buf["slots"].fill_(self.max_seqs), buf["carry"].fill_(-1)
+        buf["slots"].fill_(self.max_seqs), buf["carry"].fill_(-1), buf["pos"].zero_()  # (nothing visible to read)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_fn(buf, nucleus)
+                self._decode_fn(buf, mode)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            outs = self._decode_fn(buf, nucleus)
+            outs = self._decode_fn(buf, mode)
         self.pool = graph.pool()  # every bucket's graph shares one memory pool
         for k, v in real.items():
             buf[k].copy_(v)

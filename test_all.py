@@ -1349,7 +1349,8 @@ def test_topk_kernels_match_references(case, monkeypatch):
     monkeypatch.setattr(kernels, "_topk_select2_kernel", ReversedCandidates(kernels._topk_select2_kernel))
     assert_same_ids(kernels.topk_select(logits, row_range(logits, nk), nk, k), ref)
     monkeypatch.undo()
-    assert_same_ids(kernels.topk_row(logits, nk, k), kernels.topk_row_ref(logits, nk, k))
+    lr, nr = logits[:, :32768], nk.clamp(max=32768)  # topk_row holds at most 32K logits a row
+    assert_same_ids(kernels.topk_row(lr, nr, k), kernels.topk_row_ref(lr, nr, k))
     assert torch.equal(kernels.topk_row_ref(logits, nk, k), ref) and (ref[-1] == -1).all()
     if case == "zeros":  # the rows really hold more ties at the cut than places for them
         assert all(int((logits[t, :n] == 0).sum()) > k - int((logits[t, :n] > 0).sum()) > 0 for t, n in
