@@ -101,6 +101,13 @@ def kv_load(pool: torch.Tensor, rows: torch.Tensor, D: int, R: int, dtype) -> to
     return unpack_kv(pool[rows], D, R, dtype) if R else unpack_mxfp4_rows(pool[rows], D, dtype)
 
 
+def entries_to_read(limit: torch.Tensor, capacity: int) -> int:
+    """How many compressed entries a call reads per query: on a GPU every entry the block table can hold (a
+    shape fixed by the cache, not the context, so a CUDA graph can hold the call and nothing waits for the
+    GPU); on the CPU just the visible ones (no graph there, and the reference path stays fast)."""
+    return capacity if limit.is_cuda else min(capacity, int(limit.max()))
+
+
 def pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -287,7 +294,7 @@ class Indexer(nn.Module):
         q = fp4_roundtrip(hadamard_rotate(q), 32) if self.quant else q
         w = self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,S,HI]
         E = cache.comp_page
-        T = cache.comp_table.shape[1] * E  # every entry the table can hold: the shape does not follow the context
+        T = entries_to_read(limit, cache.comp_table.shape[1] * E)
         if kernels.use_kernels(x.device) and q.dtype == torch.bfloat16 and E % 64 == 0 and pow2(self.n_heads) \
                 and pow2(self.head_dim):
             r = E // 64  # the kernel reads pages of 64 keys: split each page into r of them
@@ -405,8 +412,8 @@ class Attention(nn.Module):
             if self.indexer is not None:
                 self.compress(self.indexer.compressor, x, pos, freqs, cache, index=True)
                 sel = self.indexer(x, qr, cache, limit, cos, sin)  # [B,S,K]
-            else:  # every entry the table can hold, in order: a shape fixed by the cache, not the context
-                j = torch.arange(cache.comp_table.shape[1] * cache.comp_page, device=x.device)  # [T]
+            else:  # every visible entry, in order
+                j = torch.arange(entries_to_read(limit, cache.comp_table.shape[1] * cache.comp_page), device=x.device)
                 sel = torch.where(j < limit[..., None], j, -1)  # [B,S,T]
             rows = page_rows(cache.comp_table, sel.clamp(min=0), cache.comp_page, cache.comp_base)
             kv_idx = torch.where(sel >= 0, rows, -1)
