@@ -1,5 +1,5 @@
-"""Every Triton kernel of the model, each beside the torch reference of the same signature it must match
-(docs/kernels.md): 1. the lightning indexer's scoring + exact top-k over a paged key pool; 2./3. sparse
+"""Every Triton kernel of the model, each beside the torch reference of the same signature it must match:
+1. the lightning indexer's scoring + exact top-k over a paged key pool; 2./3. sparse
 attention over [window ∪ top-k] rows with a per-head sink, and HCA (every compressed row + window) with a
 flash-decoding split and combine; 4. the MXFP4 grouped expert GEMM, the FP8 block-scaled GEMM and its
 activation quantizer; 5. compressor pooling (+ RMSNorm + RoPE); 6. mHC pre (mixing GEMM + Sinkhorn +
