@@ -227,7 +227,7 @@ def check_flags(a) -> str | None:
               (finite(a.top_p) and 0 < a.top_p <= 1, f"--top-p must be in (0, 1], got {a.top_p}"),
               (a.max_new_tokens >= 0, f"--max-new-tokens must not be negative, got {a.max_new_tokens}"),
               (a.num_samples >= 1, f"--num-samples must be at least 1, got {a.num_samples}"),
-              (0 <= a.seed < 2**63, f"--seed must be in [0, 2^63), got {a.seed}"),
+              (0 <= a.seed < 2**32, f"--seed must be in [0, 2^32), got {a.seed}"),
               (a.max_seq_len is None or a.max_seq_len >= 2, f"--max-seq-len must be at least 2, got {a.max_seq_len}"),
               (a.max_seqs >= 1, f"--max-seqs must be at least 1, got {a.max_seqs}"),
               (a.token_budget >= 1, f"--token-budget must be at least 1, got {a.token_budget}"),
@@ -263,6 +263,9 @@ def main(argv=None) -> int:
         return run(a)
     except (OSError, ValueError, FloatingPointError) as e:  # every bad input ends here as one sentence
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print(f"error: out of {a.device} memory; lower --kv-gb, --max-seqs or --token-budget", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # what finished is already printed
         print("\ninterrupted", file=sys.stderr)
@@ -307,7 +310,10 @@ def run(a) -> int:
     def refuse(where, err):
         print(f"error: {where}: {err}", file=sys.stderr)
 
+    clipped = []
+
     def budget(n_prompt):  # new tokens after a prompt of n_prompt; at least 1, so a full context is refused
+        clipped.append(a.max_new_tokens > ctx - n_prompt > 0)
         return min(a.max_new_tokens, max(ctx - n_prompt, 1))
 
     t0, refused = time.perf_counter(), 0
@@ -339,10 +345,9 @@ def run(a) -> int:
             if isinstance(r, ValueError) and i % a.num_samples == 0:  # one line per prompt, not per sample
                 refuse(prompts[reqs[i]][0], r)
                 refused += 1
-    clipped = sum(a.max_new_tokens > ctx - len(t) > 0 for t in ids)
-    if clipped:
-        print(f"note: --max-new-tokens {a.max_new_tokens} was clipped to fit the context of {ctx} for {clipped} "
-              "prompt(s)", file=sys.stderr)
+    if any(clipped):
+        print(f"note: --max-new-tokens {a.max_new_tokens} was clipped to fit the context of {ctx} for "
+              f"{sum(clipped)} request(s)", file=sys.stderr)
     r, m = engine.report(), engine.metrics
     prefill_s = time.perf_counter() - t0 - m.decode_s
     print(f"prompt {m.prompt_tokens} tokens, prefill {m.computed_tokens / max(prefill_s, 1e-9):.1f} tokens/s; "

@@ -481,7 +481,8 @@ class Transformer(nn.Module):
                 raise ValueError("start_pos > 0 needs the cache of the earlier positions")
             cache = self.new_cache(B, S)  # a scratch cache: the no-cache forward is a prefill from 0
         if not (torch.is_tensor(start_pos) and start_pos.is_cuda):  # (a GPU tensor would cost a host sync)
-            end = int(torch.as_tensor(start_pos).max()) + S
+            n_tok = cache[0].n_tok  # padded rows end at their real tokens
+            end = int((torch.as_tensor(start_pos) + (S if n_tok is None else n_tok)).max())
             if end > cache[0].max_pos:
                 raise ValueError(f"positions up to {end} exceed the cache capacity {cache[0].max_pos}")
         X = self.embed(ids)[:, :, None].expand(B, S, self.args.hc_mult, self.args.dim).contiguous()  # [B,S,n,d]

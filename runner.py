@@ -19,11 +19,12 @@ from attention import LayerCache, kv_pool, new_compressor_state
 def _uniform(seed: torch.Tensor, pos: torch.Tensor, V: int) -> torch.Tensor:
     """[B] seeds, [B] positions -> [B,V] uniforms in (0, 1), a hash of (seed, position, token id): the noise
     needs no generator object (so a CUDA graph can hold it) and row b depends on its own seed only."""
-    x = ((seed & 0xFFFFFFFF)[:, None] * 0x9E3779B1 + pos[:, None] * 0x85EBCA77
-         + torch.arange(V, device=seed.device)) & 0xFFFFFFFF
-    for _ in range(2):  # xorshift-multiply rounds of a 32-bit integer hash (products stay below 2^63)
-        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
-    return (((x ^ (x >> 16)) >> 8).float() + 0.5) / 2**24
+    M = 0xFFFFFFFF  # 32-bit lanes in int64; every product below stays under 2^63
+    x = ((seed & M) * 0x7FEB352D & M) + ((seed >> 32 & M) * 0x297A2D39 & M) + (pos * 0x2C1B3C6D & M)
+    x = (x[:, None] + torch.arange(V, device=seed.device)) & M
+    for _ in range(2):  # xorshift-multiply rounds of a 32-bit integer hash
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & M
+    return (((x ^ (x >> 16)) >> 9).float() + 0.5) / 2**23  # 23 bits: the largest value, 1 - 2^-24, is exact
 
 
 def sample(logits, temperature, top_p, seed, pos, nucleus: bool = True, greedy: bool = False) -> torch.Tensor:

@@ -721,6 +721,13 @@ def test_sample_greedy_and_top_p():
     allowed = set(order[:int((p.cumsum(0) < 0.5).sum()) + 1].tolist())
     assert set(sample(row.expand(2000, 10), full(0.8, 2000), full(0.5, 2000), torch.arange(2000),
                       full(0, 2000)).tolist()) == allowed
+    # the noise never reaches 0 or 1 (log(-log u) would be infinite and win any argmax), and seeds that differ
+    # only above bit 32 differ
+    from runner import _uniform
+    u = _uniform(torch.arange(64) * 7919, torch.arange(64), 129280)
+    assert 0 < u.min() and u.max() < 1 and (u.mean() - 0.5).abs() < 1e-3
+    assert not torch.equal(_uniform(torch.tensor([0]), torch.tensor([3]), 50), _uniform(torch.tensor([1 << 32]),
+                                                                                          torch.tensor([3]), 50))
     # a row's draw depends on its own seed and position only, not on the batch around it
     one = sample(row, full(0.8, 1), full(0.9, 1), torch.tensor([123]), torch.tensor([9]))
     batch = sample(torch.cat([torch.randn(3, 10, generator=g), row]), full(0.8, 4), full(0.9, 4),
@@ -1054,6 +1061,19 @@ def test_engine_prefills_multi_page_chunks_of_several_sequences(policy):
     check_against_forward(model, e, prompts, 4)
     assert any(len(s) > 1 for s in shapes) and max(max(s) for s in shapes) > 16  # batched; chunks over a page
     assert sorted(e.finished, key=lambda s: s.rid)[1].hit_tokens == 64  # pages published inside chunks
+
+
+def test_engine_pads_chunks_near_the_end_of_the_context():
+    """A short chunk late in its context batched with a long early one: padded to the long one's width, its
+    padding runs past the context, which is fine (padding writes nothing); only real positions must fit."""
+    model = random_model(small_args(max_seq_len=512), seed=13)
+    g = torch.Generator().manual_seed(24)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (500, 100)]
+    e = Engine(model, 64 << 20, max_seqs=2, token_budget=450, keep_logits=True, log=lambda *a: None)
+    for p in prompts:
+        e.add(p, 2)
+    e.run()
+    check_against_forward(model, e, prompts, 2)
 
 
 def test_pool_reuses_unreusable_pages_first_and_evicts_tails_first():
