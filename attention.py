@@ -117,7 +117,7 @@ def page_rows(table: torch.Tensor, pos: torch.Tensor, page: int, base: int = 0, 
     """Physical row of logical slot `pos` (window position or compressed entry id) of each sequence:
     base + table[b, (pos // page) % width] * page + pos % page. A one-column table is a ring of `page` rows
     per sequence; a wide one is a paged block table (unallocated pages, -1, read row 0 and are masked).
-    For a write, keep [B,...] says which rows are kept: the others, and rows of unallocated pages, go to -1,
+    For a write, keep ([B,...] or True) says which rows are kept: the others, and rows of unallocated pages, go to -1,
     every pool's spare last row, which nothing reads (static shapes: no host sync to filter them)."""
     b = torch.arange(table.shape[0], device=pos.device).view(-1, *[1] * (pos.dim() - 1))
     entry = table[b, (pos // page) % table.shape[1]]
@@ -211,10 +211,12 @@ class Compressor(nn.Module):
         m, c = self.ratio, self.width
         slots = torch.arange(B, device=x.device) if slots is None else slots
         kv_state, score_state = state[0][slots], state[1][slots]  # [B,(1+o)m,(1+o)c'] copies
-        n_tok = torch.full((B,), S, device=x.device) if n_tok is None else n_tok
-        real = (torch.arange(S, device=x.device) < n_tok[:, None])[..., None]  # [B,S,1]
-        a = torch.where(real, self.wkv(x.float()), 0.0)  # [B,S,(1+o)c']; padding adds nothing
-        z = torch.where(real, self.wgate(x.float()) + self.ape[pos % m], -math.inf)
+        a = self.wkv(x.float())  # [B,S,(1+o)c']
+        z = self.wgate(x.float()) + self.ape[pos % m]
+        if n_tok is not None:  # padding adds nothing: value 0, score -inf
+            real = (torch.arange(S, device=x.device) < n_tok[:, None])[..., None]  # [B,S,1]
+            a, z = torch.where(real, a, 0.0), torch.where(real, z, -math.inf)
+        n_real = S if n_tok is None else n_tok  # [B] or all S
         r = pos[:, 0] % m  # tokens of the unfinished block that earlier calls left in the state
         cur = m if self.overlap else 0  # state rows [cur, cur+m): unfinished block; [0, m): previous block
         # Lay each sequence out from the first token of its unfinished block: r carried rows, then the S
@@ -230,7 +232,7 @@ class Compressor(nn.Module):
                             torch.where(fresh[..., None], z[bi, new], -math.inf))
         nb = L // m
         blk_a, blk_z = buf_a.view(B, nb, m, -1), buf_z.view(B, nb, m, -1)  # [B,nb,m,(1+o)c']
-        n = (r + n_tok) // m  # [B] blocks completed by this call
+        n = (r + n_real) // m  # [B] blocks completed by this call
         k = torch.arange(nb, device=x.device)[None]
         valid = k < n[:, None]  # [B,nb]; the rest are partial or padding
         ids = (pos[:, :1] - r[:, None]) // m + k  # [B,nb] entry ids
@@ -254,7 +256,7 @@ class Compressor(nn.Module):
             ckv, cscore, pages, page = carry
             P = (pos[:, :1] // page + 1 + torch.arange(pages.shape[1], device=x.device)) * page  # [B,K]
             kb = ((P - (pos[:, :1] - r[:, None])) // m - 1).clamp(0, nb - 1)
-            dst = torch.where((P <= pos[:, :1] + n_tok[:, None]) & (pages >= 0), pages, -1)  # -1: the sink row
+            dst = torch.where((P <= (pos[:, 0] + n_real)[:, None]) & (pages >= 0), pages, -1)  # -1: the sink row
             ckv[dst], cscore[dst] = blk_a[bi, kb, :, :c], blk_z[bi, kb, :, :c]  # [B,K,m,c'] previous-block role
         # carry: the last complete block becomes "previous", the leftover tokens the unfinished block
         if self.overlap:
@@ -421,7 +423,7 @@ class Attention(nn.Module):
         o = sparse_attn(q, win, win_idx, cache.kv, kv_idx, self.attn_sink, D ** -0.5, n_idx)  # [B,S,H,D]
         # store this call's window KV; a ring keeps the last W positions, a paged table every position held
         keep = min(S, cache.win_table.shape[1] * cache.win_page)
-        real = torch.arange(S - keep, S, device=x.device) < (S if cache.n_tok is None else cache.n_tok[:, None])
+        real = True if cache.n_tok is None else torch.arange(S - keep, S, device=x.device) < cache.n_tok[:, None]
         kv_store(cache.kv, page_rows(cache.win_table, pos[:, -keep:], cache.win_page, keep=real), kv[:, -keep:], R)
 
         # K = V carries its key's rotation into the output; rotating back by the query position leaves a

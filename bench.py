@@ -27,7 +27,7 @@ import kernels as K
 from attention import quant_kv
 from mxfp4 import fp8_block_dequantize, kv_row_bytes, mxfp4_dequantize, pack_kv, pack_mxfp4_rows
 from kvcache import Engine, plan
-from model import Transformer, flash, hc_weights, init_random_, sinkhorn, tiny
+from model import Transformer, flash, init_random_, tiny
 
 HI, CI, PAGE, TOPK = 64, 128, 64, 512  # indexer: 64 heads x 128, 64 entries per page, top-512
 H, D, WIN = 64, 512, 128  # attention: 64 heads, one K=V head of 512, window 128
@@ -300,26 +300,16 @@ def mhc_rows(cl, out):
         sets = [(torch.randn(N, n, d, device=DEV).bfloat16(), torch.randn(24, n * d, device=DEV) * (n * d) ** -0.5,
                  torch.rand(3, device=DEV) + 0.5, torch.randn(24, device=DEV) * 0.5, 1e-6, 1e-6, 20)
                 for _ in range(n_sets(N * n * d * 2 + 24 * n * d * 4))]
-        t, chk = checked(K.hc_pre, sets, torch_hc_pre)
+        t, chk = checked(K.hc_pre, sets, K.hc_pre_ref)
         bytes_ = 24 * n * d * 4 + N * (n * d * 2 + d * 2 + 20 * 4)
         out.append(("mHC pre (mix GEMM + Sinkhorn + pre-mix)", "-", N, N, t, bytes_ / cl["bw"] * 1e6,
-                    f"torch path {eager_us(lambda: torch_hc_pre(*sets[0])):.0f}", chk))
+                    f"torch reference {eager_us(lambda: K.hc_pre_ref(*sets[0])):.0f}", chk))
         _, post, comb = K.hc_pre(*sets[0])  # hc_post's maps, as the layer hands them over
         f = torch.randn(N, d, device=DEV).bfloat16()
-        ref_post = lambda X: (post[..., None] * f[:, None].float() + torch.einsum("tjk,tjd->tkd", comb, X.float())).bfloat16()  # noqa: E731
-        t, chk = checked(lambda X: K.hc_post(f, X, post, comb), [s[:1] for s in sets], ref_post)
+        t, chk = checked(lambda X: K.hc_post(f, X, post, comb), [s[:1] for s in sets],
+                         lambda X: K.hc_post_ref(f, X, post, comb))
         out.append(("mHC post", "-", N, N, t, N * (2 * n * d * 2 + d * 2) / cl["bw"] * 1e6,
-                    f"torch path {eager_us(lambda: ref_post(sets[0][0])):.0f}", chk))
-
-
-def torch_hc_pre(X, fn, scale, base, norm_eps, hc_eps, iters):
-    """model.Block.hc_pre's torch path on [N, n, d] (no Block needed), in kernels.hc_pre's signature."""
-    n = X.shape[1]
-    mu = hc_weights(X[None], fn, norm_eps)[0]  # [1,N,n,d] -> [N, 2n + n*n]
-    pre = torch.sigmoid(mu[:, :n] * scale[0] + base[:n]) + hc_eps
-    post = 2 * torch.sigmoid(mu[:, n:2 * n] * scale[1] + base[n:2 * n])
-    comb = sinkhorn((mu[:, 2 * n:] * scale[2] + base[2 * n:]).view(-1, n, n), iters, hc_eps)
-    return (pre[..., None] * X.float()).sum(1).to(X.dtype), post, comb
+                    f"torch reference {eager_us(lambda: K.hc_post_ref(f, sets[0][0], post, comb)):.0f}", chk))
 
 
 # --------------------------------------------------------------------------------- end to end (--e2e)
@@ -495,8 +485,8 @@ def e2e_long(cl, ctx, deadline):
     w = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
             if ".experts." not in n and not n.startswith("embed"))
     expert = sum(p.numel() * p.element_size() for p in model.layers[0].ffn.experts[0].parameters())
-    n_csa, n_hca = args.compress_ratios.count(4), args.compress_ratios.count(128)
-    cache = n_csa * (ctx // 4 * 68 + 512 * 584) + n_hca * ctx // 128 * 584 + 43 * 128 * 584
+    n_csa, n_hca, row, key = args.compress_ratios.count(4), args.compress_ratios.count(128), kv_row_bytes(D, 64), 68
+    cache = n_csa * (ctx // 4 * key + TOPK * row) + n_hca * ctx // 128 * row + 43 * WIN * row  # 584 B rows, 68 B keys
     floor = (w + 43 * 6 * expert + cache) / cl["bw"] * 1e3
     r = e.report()["bytes_per_token"]
     print(f"\n43-layer V4-Flash stack, 16 routed experts a layer: prefill reached {reached:,} of {ctx:,} tokens in "

@@ -145,15 +145,10 @@ def generate(engine: Engine, prompts: list, max_new_tokens, temperature: float =
     Returns each one's new ids without EOS, or the ValueError that refused it (a prompt the context or the
     cache can never hold, an id outside the vocab): one bad request does not stop the others.
     on_token(i, id) sees every id as it is produced, on_done(i, ids) every request as it finishes."""
-    V = engine.args.vocab_size
     n_new = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     rid, results = {}, [None] * len(prompts)
     for i, p in enumerate(prompts):
         try:
-            bad = [t for t in p if not 0 <= t < V]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]} is outside the model's vocab_size {V}; the tokenizer "
-                                 "does not match the model")
             rid[engine.add(p, n_new[i], temperature=temperature, top_p=top_p, seed=seed + i, eos_id=eos_id)] = i
         except ValueError as e:
             results[i] = e

@@ -185,7 +185,7 @@ class Pages:
 
     def take(self, s: Seq, hit: list):
         s.pages = {k: [got.get(k, -1) for got in hit] for k in self.pools}
-        s.published, s.win_low, s.new_carry = len(hit), 0, {}
+        s.published, s.new_carry = len(hit), {}
         for k, pages in s.pages.items():
             for i, p in enumerate(pages):
                 if p >= 0:
@@ -240,7 +240,7 @@ class Pages:
         """Publish the pages (and carry pages) the call completed; under recompute, drop window pages that slid
         out of the window."""
         full = s.pos // self.page
-        hs = self.hashes(s, full)
+        hs = self.hashes(s, full) if s.published < full else []  # (a decode step rarely completes a page)
         for i in range(s.published, full):
             ids = self.page_ids(s, i)
             for k in self.prefix_kinds:
@@ -286,7 +286,6 @@ class Engine:
         if max_seqs < 1 or token_budget < 1:
             raise ValueError(f"max_seqs and token_budget must be at least 1, got {max_seqs} and {token_budget}")
         self.args, self.policy, self.page, self.max_seqs, self.token_budget = a, policy, page, max_seqs, token_budget
-        self.keep_logits = keep_logits
         row, key = (kv_pool(a, 0, model.dtype, "meta", index=i) for i in (False, True))  # the row formats stored
         page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages,
                                   row.shape[1] * row.element_size(), key.shape[1] * key.element_size())
@@ -311,7 +310,11 @@ class Engine:
     def add(self, prompt: list, max_new: int, **params) -> int:
         """Queue a request; returns its id. A request that can never fit gets a ValueError now. params:
         temperature (0 = greedy), top_p, seed, eos_id."""
-        total = len(prompt) + max_new
+        total, V = len(prompt) + max_new, self.args.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < V), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the model's vocab_size {V}; the tokenizer does not "
+                             "match the model")
         if not prompt or total > self.args.max_seq_len:
             raise ValueError(f"request of {len(prompt)} prompt + {max_new} new tokens does not fit the context "
                              f"of {self.args.max_seq_len} tokens")

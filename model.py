@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import kernels
 from attention import Attention, LayerCache, RMSNorm, new_layer_cache
-from mxfp4 import E8M0, FP4, FP8, Linear, fp8_block_dequantize
+from mxfp4 import E8M0, FP4, FP8, Linear, finite, fp8_block_dequantize
 
 
 @dataclass
@@ -147,14 +147,10 @@ class ModelArgs:
                   }.get(t, lambda: v is None or type(v) is str)()  # the rest are str | None
             need(ok, f"{f.name} must be {_TYPE_NAMES.get(t, 'a string or null')}, got {json.dumps(v)}")
         n_ratios = self.n_layers + self.n_mtp_layers
-        for name in ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts", "q_lora_rank",
-                     "head_dim", "o_groups", "o_lora_rank", "window_size", "index_n_heads", "index_head_dim",
-                     "index_topk", "hc_mult", "hc_sinkhorn_iters", "max_seq_len"):
-            need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("route_scale", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "compress_rope_theta"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("n_hash_layers", "n_mtp_layers", "original_seq_len", "swiglu_limit", "norm_eps", "hc_eps"):
-            need(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
+        for names, ok, what in ((_AT_LEAST_1, lambda v: v >= 1, "at least 1"), (_POSITIVE, lambda v: v > 0, "positive"),
+                                (_NON_NEGATIVE, lambda v: v >= 0, "not negative")):
+            for name in names:
+                need(ok(getattr(self, name)), f"{name} must be {what}, got {getattr(self, name)}")
         # one ratio per layer, then per MTP layer; entries past those are ignored, as both reference
         # implementations do (a checkpoint shipped without its MTP weights keeps the MTP layer's entry)
         need(len(self.compress_ratios) >= n_ratios, f"compress_ratios has {len(self.compress_ratios)} entries, "
@@ -184,6 +180,11 @@ class ModelArgs:
 
 
 _TYPE_NAMES = {int: "an integer", float: "a finite number", str: "a string", list: "a list of integers"}
+_AT_LEAST_1 = ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts", "q_lora_rank", "head_dim",
+               "o_groups", "o_lora_rank", "window_size", "index_n_heads", "index_head_dim", "index_topk", "hc_mult",
+               "hc_sinkhorn_iters", "max_seq_len")
+_POSITIVE = ("route_scale", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "compress_rope_theta")
+_NON_NEGATIVE = ("n_hash_layers", "n_mtp_layers", "original_seq_len", "swiglu_limit", "norm_eps", "hc_eps")
 
 
 def tiny(**kw) -> ModelArgs:
@@ -423,8 +424,8 @@ class MTPBlock(Block):
 
 class Transformer(nn.Module):
     # Tensors a cast (.float(), .to(dtype), .half()) moves but never converts: those V4 computes in fp32
-    # whatever the activation dtype (norms, mHC, sink, compressor pooling, router bias, head; spec §9.1),
-    # and the stored FP8 / FP4 weights and their scales.
+    # whatever the activation dtype (norms, mHC, sink, compressor pooling, router bias; spec §9.1), and the
+    # stored FP8 / FP4 weights and their scales.
     FP32 = re.compile(r"(norm\.weight|hc_\w+|attn_sink|ape|gate\.bias|compressor\.(wkv|wgate)\.weight)$")
 
     def __init__(self, args: ModelArgs, dtype=torch.bfloat16):
@@ -570,15 +571,6 @@ def _to_model_dtype(name: str, t: torch.Tensor, ref: torch.Tensor, where: str) -
     if t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise bad("bfloat16, float16 or float32")
     return t.to(ref.dtype)
-
-
-def finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in a weight as stored: e4m3 and e8m0 have NaN codes (0x7F / 0xFF), e2m1 has none."""
-    if t.dtype == FP8:
-        return not bool((t.view(torch.uint8) & 0x7F).eq(0x7F).any())
-    if t.dtype == E8M0:
-        return not bool(t.view(torch.uint8).eq(0xFF).any())
-    return t.dtype == FP4 or not t.is_floating_point() or bool(torch.isfinite(t).all())
 
 
 def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -> Transformer:

@@ -163,6 +163,15 @@ def fp8_block_dequantize(q: torch.Tensor, scale: torch.Tensor, block: int = 128)
     return q.float() * s
 
 
+def finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in a tensor as stored: e4m3 and e8m0 have NaN codes (0x7F / 0xFF), e2m1 has none."""
+    if t.dtype == FP8:
+        return not bool((t.view(torch.uint8) & 0x7F).eq(0x7F).any())
+    if t.dtype == E8M0:
+        return not bool(t.view(torch.uint8).eq(0xFF).any())
+    return t.dtype == FP4 or not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
 def dequantize(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """Any stored weight -> fp32 dense."""
     if weight.dtype == FP8:

@@ -117,12 +117,12 @@ class Runner:
                 for c, t in zip(cs, self.state[l]):
                     t[slot, :4, :c.shape[-1]] = c[carry_page]
 
-    def views(self, slots, keep_from=None, emit_end=None, carry_pages=None) -> list:
+    def views(self, slots, keep_from=None, emit_end=None, carry_pages=None, n_tok=None) -> list:
         """Per-layer LayerCache views of the pools for a batch: block tables gathered by slot on the device."""
         tables = {k: t[slots] for k, t in self.tables.items()}
         out = []
         for l, r in enumerate(self.ratios):
-            c = LayerCache(self.kv[l], tables["window"], self.page, slots=slots, keep_from=keep_from,
+            c = LayerCache(self.kv[l], tables["window"], self.page, slots=slots, n_tok=n_tok, keep_from=keep_from,
                            max_pos=self.model.args.max_seq_len)
             if r:  # compressed rows follow the window pages in the layer's pool
                 c.comp_table, c.comp_page, c.comp_base = tables["csa" if r == 4 else "hca"], self.page // r, self.nw
@@ -147,28 +147,26 @@ class Runner:
         """0 when every row is greedy, 2 when one cuts a nucleus, else 1 (see _outputs)."""
         return max((r.params["temperature"] > 0) * (1 + (r.params["top_p"] < 1)) for r in rows)
 
-    def _params(self, rows: list, pad: int = 0):
-        p = [r.params for r in rows] + [{"temperature": 0.0, "top_p": 1.0, "seed": 0}] * pad
-        f = torch.tensor([[q["temperature"] for q in p], [q["top_p"] for q in p]], dtype=torch.float32)
-        return f, torch.tensor([q["seed"] for q in p])
+    @staticmethod
+    def _floats(rows: list, pad: int = 0) -> torch.Tensor:
+        """[2, B + pad]: temperature, top_p per row (padding rows greedy)."""
+        return torch.tensor([[r.params["temperature"] for r in rows] + [0.0] * pad,
+                             [r.params["top_p"] for r in rows] + [1.0] * pad])
 
     @torch.inference_mode()
     def prefill(self, rows: list) -> list:
-        """Chunks of several sequences in one eager forward, padded to the longest; logits only where a row
-        samples. Returns per row (token, finite) for sampling rows (else None), and the logits when kept."""
+        """Chunks of several sequences in one eager forward, padded to the longest; logits only at each row's
+        last position. Returns per row (token, finite) for sampling rows (else None), and the logits when kept."""
         self.flush()
-        B, S = len(rows), max(len(r.tokens) for r in rows)
+        S = max(len(r.tokens) for r in rows)
         ids = torch.tensor([r.tokens + [0] * (S - len(r.tokens)) for r in rows], device=self.dev)
-        ints = torch.tensor([[r.start, len(r.tokens), r.slot, r.keep_from, r.emit_end] for r in rows]).T.to(self.dev)
-        start, n_tok, slots, keep_from, emit_end = ints
+        ints = torch.tensor([[r.start, len(r.tokens), r.slot, r.keep_from, r.emit_end, r.params["seed"]] for r in rows])
+        start, n_tok, slots, keep_from, emit_end, seed = ints.T.to(self.dev)
         K = S // self.page + 2  # boundaries a chunk of S tokens can pass
         carry = torch.tensor([((r.carry or []) + [-1] * K)[:K] for r in rows], device=self.dev)  # [B,K]
-        views = self.views(slots, keep_from, emit_end, carry)
-        for c in views:
-            c.n_tok = n_tok
+        views = self.views(slots, keep_from, emit_end, carry, n_tok)
         logits = self.model(ids, start, views, logits_at=n_tok - 1)  # [B,V]
-        f, seed = self._params(rows)
-        out = self._outputs(logits, *f.to(self.dev), seed.to(self.dev), start + n_tok, self.mode(rows)).tolist()
+        out = self._outputs(logits, *self._floats(rows).to(self.dev), seed, start + n_tok, self.mode(rows)).tolist()
         kept = logits.float().cpu() if self.keep_logits else None
         return [((out[0][b], bool(out[1][b])), kept[b] if kept is not None else None) if r.sample else (None, None)
                 for b, r in enumerate(rows)]
@@ -193,12 +191,11 @@ class Runner:
             buf = self.buffers[bucket] = dict(zip(("ids", "pos", "slots", "seed", "carry"), ints), temp=floats[0],
                                               top_p=floats[1], ints=ints, floats=floats)
         pad = bucket - B
-        f, _ = self._params(rows, pad)
         buf["ints"].copy_(torch.tensor([[r.tokens[-1] for r in rows] + [0] * pad, [r.start for r in rows] + [0] * pad,
                                         [r.slot for r in rows] + [self.max_seqs] * pad,
                                         [r.params["seed"] for r in rows] + [0] * pad,
                                         [(r.carry or [-1])[0] for r in rows] + [-1] * pad]))
-        buf["floats"].copy_(f)
+        buf["floats"].copy_(self._floats(rows, pad))
         if self.use_graphs:
             key = (bucket, mode)
             if key not in self.graphs:
