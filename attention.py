@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kernels
 from mxfp4 import (Linear, fp4_roundtrip, fp8_roundtrip, kv_row_bytes, pack_kv, pack_mxfp4_rows, unpack_kv,
@@ -291,6 +292,8 @@ class Indexer(nn.Module):
         """x [B,S,dim], qr [B,S,q_lora], limit [B,S] visible entries per query -> top-k entry ids [B,S,K],
         -1 where a query has fewer than K visible entries. Keys are read from the cache's pages."""
         B, S, _ = x.shape
+        if self.training:  # its own loss trains the indexer (train.py); the main loss never flows through it
+            x, qr = x.detach(), qr.detach()
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,HI,c_I]
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         q = fp4_roundtrip(hadamard_rotate(q), 32) if self.quant else q
@@ -310,6 +313,7 @@ class Indexer(nn.Module):
         # q [B,S,HI,c_I] x keys [B,T,c_I] -> [B,S,HI,T], ReLU, weighted sum over heads -> [B,S,T]
         score = (torch.einsum("bshd,btd->bsht", q, keys).relu() * w[..., None]).sum(2)
         future = torch.arange(T, device=x.device) >= limit[..., None]  # [B,S,T]
+        self.score = score.masked_fill(future, -math.inf) if self.training else None  # for Attention.indexer_loss
         # exact-zero ReLU scores tie often; a stable sort makes the earlier entry win every tie, as the
         # kernels do, so a selection does not depend on how many tokens the call covers
         idx = score.masked_fill(future, -math.inf).sort(dim=-1, descending=True, stable=True).indices[..., :self.topk]
@@ -345,6 +349,38 @@ def sparse_attn(q, win, win_idx, kv, kv_idx, sink, scale: float, n_idx=None) -> 
     return (torch.einsum("bshk,bskd->bshd", p, ent) / denom).to(q.dtype)  # [B,S,H,D]
 
 
+def train_attn(q, kv, ent, sel, sink, scale: float, W: int) -> torch.Tensor:
+    """sparse_attn's softmax for training, where a call is a whole sequence from position 0 and autograd
+    must stay cheap: the window as blocks of W queries against their own and the previous block of keys
+    (band-masked), compressed entries as one masked product over all of them; only matmuls, no gathers.
+    q [B,S,H,D], kv [B,S,D] the window keys, ent [B,T,D] entries, sel [B,S,K] picked ids (-1: none)."""
+    B, S, H, D = q.shape
+    n = -(-S // W)
+    qb = F.pad(q, (0, 0, 0, 0, 0, n * W - S)).view(B, n, W, H, D)
+    kb = F.pad(kv, (0, 0, W, n * W - S)).view(B, n + 1, W, D)  # one empty block in front
+    keys = torch.cat([kb[:, :-1], kb[:, 1:]], 2)  # [B,n,2W,D]: previous block, own block
+    i, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)[None]
+    band = (j > i) & (j <= i + W)  # [W,2W] key j of query i sits W - j + i positions back, 0..W-1
+    first = torch.arange(n, device=q.device)[:, None, None] > 0  # block 0 has no previous block
+    ok = band & (first | (j >= W))  # [n,W,2W]
+    s = torch.einsum("bnwhd,bnkd->bnwhk", qb, keys).float() * scale  # [B,n,W,H,2W]
+    s = s.masked_fill(~ok[None, :, :, None], -math.inf).flatten(1, 2)[:, :S]  # [B,S,H,2W]
+    if ent is not None:  # q [B,S,H,D] x ent [B,T,D] -> [B,S,H,T], masked to the picked entries
+        T = ent.shape[1]
+        pick = torch.zeros(B, S, T + 1, dtype=torch.bool, device=q.device)
+        pick = pick.scatter_(-1, torch.where(sel >= 0, sel, T), True)[..., :T]
+        sc = torch.einsum("bshd,btd->bsht", q, ent).float() * scale
+        s = torch.cat([s, sc.masked_fill(~pick[:, :, None], -math.inf)], -1)
+    mx = s.amax(-1, keepdim=True).detach()
+    p = torch.exp(s - mx)
+    p = p / (p.sum(-1, keepdim=True) + torch.exp(sink.float()[:, None] - mx))  # the sink: denominator only
+    pw = F.pad(p[..., :2 * W].to(q.dtype), (0, 0, 0, 0, 0, n * W - S)).view(B, n, W, H, 2 * W)
+    o = torch.einsum("bnwhk,bnkd->bnwhd", pw, keys).flatten(1, 2)[:, :S]  # [B,S,H,D]
+    if ent is not None:
+        o = o + torch.einsum("bsht,btd->bshd", p[..., 2 * W:].to(q.dtype), ent)
+    return o.to(q.dtype)
+
+
 class Attention(nn.Module):
     """One V4 attention layer; compress_ratios[layer] picks window-only (0), CSA (4) or HCA (128)."""
 
@@ -376,6 +412,29 @@ class Attention(nn.Module):
             ok = ok & (ids >= cache.emit_from[:, None])
         rows = page_rows(cache.comp_table, ids, cache.comp_page, 0 if index else cache.comp_base, keep=ok)
         kv_store(cache.index_keys if index else cache.kv, rows, e, 0 if index else self.rope_dim)
+        return e  # [B,n,c'] (train_attn reads them directly)
+
+    @torch.no_grad()
+    def attention_target(self, q, cache: LayerCache, limit) -> torch.Tensor:
+        """What the indexer learns to predict: the main attention's weight on each visible compressed entry,
+        summed over heads and normalised, [B,S,T] (DeepSeek-V3.2's indexer objective, taken over every
+        visible entry as in its dense warm-up, so entries the indexer ranks low still get a signal)."""
+        T = self.indexer.score.shape[-1]
+        j = torch.arange(T, device=q.device)[None].expand(q.shape[0], -1)  # [B,T]
+        kv = kv_load(cache.kv, page_rows(cache.comp_table, j, cache.comp_page, cache.comp_base), self.head_dim,
+                     self.rope_dim, torch.float32)  # [B,T,D]
+        s = torch.einsum("bshd,btd->bsht", q.float(), kv) * self.head_dim ** -0.5  # [B,S,H,T]
+        s = s.masked_fill((j[:, None] >= limit[..., None])[:, :, None], -math.inf)
+        p = s.softmax(-1).nan_to_num().sum(2)  # [B,S,T]; a query with no visible entry gets all zeros
+        return p / p.sum(-1, keepdim=True).clamp(min=1e-9)
+
+    def indexer_loss(self, q, cache: LayerCache, limit) -> torch.Tensor:
+        """KL(attention target || softmax of the indexer's scores), mean over queries that see an entry."""
+        p, score = self.attention_target(q, cache, limit), self.indexer.score
+        log_q = score.float().log_softmax(-1)
+        kl = (torch.xlogy(p, p) - torch.where(p > 0, p * log_q, 0.0)).sum(-1)  # [B,S]
+        seen = limit > 0
+        return (kl * seen).sum() / seen.sum().clamp(min=1)
 
     def forward(self, x: torch.Tensor, start_pos, cache: LayerCache) -> torch.Tensor:
         """x [B,S,dim]; start_pos an int or [B] tensor (sequence b covers start_pos[b]..+S-1) -> [B,S,dim].
@@ -410,15 +469,20 @@ class Attention(nn.Module):
             limit = (pos + 1) // m  # entry j is visible once its last token j*m+m-1 has been seen
             if cache.n_tok is not None:  # padding reads no entry the row's real tokens have not completed
                 limit = torch.minimum(limit, ((start + cache.n_tok) // m)[:, None])
-            self.compress(self.compressor, x, pos, freqs, cache, index=False)
+            ent = self.compress(self.compressor, x, pos, freqs, cache, index=False)  # [B,T,D] when training
             if self.indexer is not None:
-                self.compress(self.indexer.compressor, x, pos, freqs, cache, index=True)
+                self.compress(self.indexer.compressor, x.detach() if self.training else x, pos, freqs, cache, index=True)
                 sel = self.indexer(x, qr, cache, limit, cos, sin)  # [B,S,K]
+                self.aux_loss = self.indexer_loss(q, cache, limit) if self.training else None
             else:  # every visible entry, in order
                 j = torch.arange(entries_to_read(limit, cache.comp_table.shape[1] * cache.comp_page), device=x.device)
                 sel = torch.where(j < limit[..., None], j, -1)  # [B,S,T]
+            if self.training:
+                return self.out(train_attn(q, kv, ent, sel, self.attn_sink, D ** -0.5, W), cos, sin)
             rows = page_rows(cache.comp_table, sel.clamp(min=0), cache.comp_page, cache.comp_base)
             kv_idx = torch.where(sel >= 0, rows, -1)
+        elif self.training:
+            return self.out(train_attn(q, kv, None, None, self.attn_sink, D ** -0.5, W), cos, sin)
         n_idx = limit if self.ratio and self.indexer is None else None  # HCA: only the first `limit` entries
         o = sparse_attn(q, win, win_idx, cache.kv, kv_idx, self.attn_sink, D ** -0.5, n_idx)  # [B,S,H,D]
         # store this call's window KV; a ring keeps the last W positions, a paged table every position held
@@ -426,8 +490,13 @@ class Attention(nn.Module):
         real = True if cache.n_tok is None else torch.arange(S - keep, S, device=x.device) < cache.n_tok[:, None]
         kv_store(cache.kv, page_rows(cache.win_table, pos[:, -keep:], cache.win_page, keep=real), kv[:, -keep:], R)
 
+        return self.out(o, cos, sin)
+
+    def out(self, o, cos, sin):
+        """o [B,S,H,D] -> [B,S,dim]: undo the query's rotation, then the grouped output projection."""
         # K = V carries its key's rotation into the output; rotating back by the query position leaves a
         # relative rotation only (spec §3.4).
+        B, S = o.shape[:2]
         o = apply_rope(o, cos[:, :, None], -sin[:, :, None])
         g = self.args.o_groups
         wo_a = self.wo_a.weight.view(g, self.args.o_lora_rank, -1)  # [g, o_lora, H*D/g]

@@ -55,7 +55,7 @@ class ModelArgs:
     hc_eps: float = 1e-6
     dtype: str = "bf16"  # "fp8": dense projections stored FP8 and the KV / indexer round trips applied
     scale_fmt: str | None = None
-    expert_dtype: str | None = None  # routed experts when dtype is "fp8": "fp4" (shipped) or "fp8"
+    expert_dtype: str | None = None  # routed experts: "fp4" (shipped) or "fp8"; None: fp4 in an FP8 model
     scale_dtype: str = "fp8"
     max_batch_size: int = 4
     max_seq_len: int = 4096  # decode-cache capacity: the context this run can hold
@@ -169,6 +169,9 @@ class ModelArgs:
              f"rope_head_dim {self.rope_head_dim} rotated dims")
         need(self.dtype in ("bf16", "fp8"), f"dtype must be 'bf16' or 'fp8', got {self.dtype!r}")
         need(self.expert_dtype in (None, "fp4", "fp8"), f"expert_dtype must be fp4 or fp8, got {self.expert_dtype!r}")
+        if self.expert_dtype == "fp4" or self.dtype == "fp8" and self.expert_dtype is None:
+            need(self.dim % 128 == 0 and self.moe_inter_dim % 128 == 0, "MXFP4 experts need dim and moe_inter_dim "
+                 "to be multiples of 128 (the FP8 activation blocks)")
         if self.dtype == "fp8":  # the block sizes of the stored formats and the activation round trips (§9.1)
             need((self.head_dim - self.rope_head_dim) % 64 == 0, "an FP8 model needs head_dim - rope_head_dim to "
                  "be a multiple of 64 (the KV round trip's blocks)")
@@ -312,6 +315,8 @@ class Gate(nn.Module):
         s = F.softplus(F.linear(x.float(), self.weight.float())).sqrt()  # [N,E]
         idx = self.tid2eid[ids].long() if self.hash else (s + self.bias).topk(self.topk, dim=-1).indices
         w = s.gather(1, idx)
+        if self.training and not self.hash:  # tokens per expert, for the bias update (train.py)
+            self.load = torch.bincount(idx.flatten(), minlength=s.shape[1])
         return w / w.sum(-1, keepdim=True) * self.route_scale, idx
 
 
@@ -336,7 +341,7 @@ class MoE(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, dtype):
         super().__init__()
         dense = "fp8" if args.dtype == "fp8" else "bf16"
-        routed = (args.expert_dtype or "fp4") if args.dtype == "fp8" else "bf16"
+        routed = args.expert_dtype or ("fp4" if args.dtype == "fp8" else "bf16")  # (fp4 experts in a bf16 model too)
         self.gate = Gate(layer_id, args, dtype)
         self.experts = nn.ModuleList(Expert(args.dim, args.moe_inter_dim, routed, dtype, args.swiglu_limit)
                                      for _ in range(args.n_routed_experts))
