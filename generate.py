@@ -17,7 +17,9 @@ import tiktoken
 import torch
 
 from kvcache import Engine
-from model import Transformer, init_random_, load_model, tiny
+from model import load_model
+
+SHIPPED = Path(__file__).resolve().parent / "weights"  # the default model: train.py --preset small
 
 # --------------------------------------------------------------------------------------------- tokenizer
 # The regex HF's ByteLevel pre-tokenizer applies when use_regex is true (GPT-2's).
@@ -232,9 +234,9 @@ def check_flags(a) -> str | None:
 
 
 def main(argv=None) -> int:
-    ap = ArgParser(description="Generate text with a DeepSeek-V4 checkpoint or the untrained tiny model.")
+    ap = ArgParser(description="Generate text with a DeepSeek-V4 checkpoint (default: the shipped small model).")
     ap.add_argument("--prompt-file", required=True, help="UTF-8 text (one prompt) or .jsonl (one prompt per line)")
-    ap.add_argument("--ckpt", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    ap.add_argument("--ckpt", help="checkpoint directory (config.json, *.safetensors, tokenizer.json); default weights/")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -270,18 +272,16 @@ def main(argv=None) -> int:
 def run(a) -> int:
     """The CLI after its flags are checked: load, build the engine, generate, report. 1 if a request was refused."""
     prompts = read_prompts(a.prompt_file)
-    if a.ckpt:
-        model = load_model(a.ckpt, device=a.device, max_seq_len=a.max_seq_len)
-    else:
-        # fp32 on CPU: bf16 matmuls there are slower (2 cores: 41 vs 32 decode tok/s, 1100 vs 900
-        # prefill tok/s). The weights seed is fixed so every run talks to the same model.
-        dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
-        args = tiny()
-        args.max_seq_len = a.max_seq_len or args.max_seq_len
-        model = init_random_(Transformer(args, dtype), seed=0).to(a.device).eval()
-        print("note: no --ckpt, so this is the untrained tiny model with random weights; the text is noise "
-              "until trained weights exist", file=sys.stderr)
-    enc, eos_id = load_tokenizer(a.ckpt)
+    ckpt = a.ckpt or SHIPPED
+    if not a.ckpt:
+        if not (SHIPPED / "config.json").is_file():
+            raise ValueError(f"no --ckpt given and the shipped model {SHIPPED} is missing (train.py writes it)")
+        print(f"note: no --ckpt, so this is the small model trained on Python's standard library ({SHIPPED})",
+              file=sys.stderr)
+    # the shipped model runs in fp32 on the CPU, where bf16 matmuls are slower
+    dtype = torch.float32 if not a.ckpt and a.device == "cpu" else None
+    model = load_model(ckpt, device=a.device, dtype=dtype, max_seq_len=a.max_seq_len)
+    enc, eos_id = load_tokenizer(ckpt)
     if a.kv_gb is not None and a.kv_gb * 2**30 > free_memory(a.device):
         raise ValueError(f"--kv-gb {a.kv_gb} is more than the {free_memory(a.device) / 2**30:.1f} GB of free "
                          f"{a.device} memory")

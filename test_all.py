@@ -915,13 +915,13 @@ def test_cli_happy_path(tmp_path):
     prompt.write_text("Once upon a time")
     r = _cli("--prompt-file", prompt, "--max-new-tokens", 4, "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert "untrained tiny model with random weights" in r.stderr
-    assert "prompt 4 tokens" in r.stderr and "generated 4 tokens" in r.stderr and "tokens/s" in r.stderr
+    assert "small model trained on Python's standard library" in r.stderr
+    assert re.search(r"prompt \d+ tokens", r.stderr) and "generated 4 tokens" in r.stderr and "tokens/s" in r.stderr
 
 
 def test_cli_streams_multibyte_text_split_across_tokens(tmp_path, monkeypatch, capsys):
-    text = "你好🙂 héllo 𝔘𝔫𝔦"  # cl100k splits the emoji and the fraktur letters across tokens
-    enc, _ = G.load_tokenizer(None)
+    text = "你好🙂 héllo 𝔘𝔫𝔦"  # byte-level BPE splits the emoji and the fraktur letters across tokens
+    enc, _ = G.load_tokenizer(G.SHIPPED)
     ids = enc.encode(text)
 
     def fake_generate(engine, prompts, n, temperature, top_p, seed, eos_id, on_token, on_done):
@@ -935,6 +935,176 @@ def test_cli_streams_multibyte_text_split_across_tokens(tmp_path, monkeypatch, c
     prompt.write_text("Hi", encoding="utf-8")
     assert G.main(["--prompt-file", str(prompt), "--device", "cpu", "--max-seq-len", "64"]) == 0
     assert capsys.readouterr().out == text + "\n"
+
+
+# -------------------------------------------------------------------------------------- train.py
+def test_bpe_training_and_tiktoken_agree_with_hf_tokenizers(tmp_path):
+    """train_bpe's tokenizer.json, loaded into tiktoken by generate.py, splits text as the tokenizers library
+    reading the same file does, and decodes back to the text."""
+    import train
+    from tokenizers import Tokenizer
+    docs = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n\n\n", "for i in range(10):\n\tprint(i)  # 十\n"] * 5
+    tj = train.train_bpe(docs, 300)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    enc, ref = G.tokenizer_from_hf(tmp_path / "tokenizer.json"), Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert enc.n_vocab == 300 and enc.encode_single_token(train.EOT) == 299
+    for text in docs + ["  x  =  'héllo'\n\n\n    y = 12345", "emoji 🙂 and 中文 and \r\n tabs\t\t", "retur return"]:
+        ids = enc.encode_ordinary(text)
+        assert ids == ref.encode(text, add_special_tokens=False).ids and enc.decode(ids) == text
+    assert len(enc.encode_ordinary(docs[0])) < len(docs[0].encode()) / 2  # the merges compress what they saw
+
+
+def test_shipped_tokenizer_matches_hf_tokenizers():
+    from tokenizers import Tokenizer
+    path = os.path.join(REPO, "weights", "tokenizer.json")
+    enc, ref = G.tokenizer_from_hf(path), Tokenizer.from_file(path)
+    text = open(os.path.join(REPO, "train.py"), encoding="utf-8").read() + "\n你好 🙂  \t\n"
+    ids = enc.encode(text, allowed_special="all")  # (train.py's text names the EOT token, as generate.py reads it)
+    assert ids == ref.encode(text, add_special_tokens=False).ids and enc.decode(ids) == text
+
+
+def test_train_attn_matches_sparse_attn():
+    """train_attn (banded window blocks, masked entries) against the reference sparse_attn on the same keys:
+    window rows gathered per query, random picks with empty (-1) slots, a sink."""
+    from attention import sparse_attn, train_attn
+    g = torch.Generator().manual_seed(11)
+    B, S, H, D, W, T, K = 2, 45, 4, 32, 8, 11, 5
+    q, kv, ent = torch.randn(B, S, H, D, generator=g), torch.randn(B, S, D, generator=g), torch.randn(B, T, D, generator=g)
+    sink = torch.randn(H, generator=g)
+    sel = torch.rand(B, S, T, generator=g).argsort(-1)[..., :K]  # distinct picks, as top-k gives
+    sel = torch.where(torch.rand(B, S, K, generator=g) < 0.3, -1, sel)  # empty slots
+    sel[0, 5] = -1  # a query with no entry at all
+    t = torch.arange(S)[:, None] - W + 1 + torch.arange(W)  # [S,W] window positions
+    win_idx = torch.where(t >= 0, t, -1).expand(B, S, W)
+    pool = ent.reshape(B * T, D)
+    kv_idx = torch.where(sel >= 0, sel + torch.arange(B)[:, None, None] * T, -1)
+    want = sparse_attn(q, kv, win_idx, pool, kv_idx, sink, D ** -0.5)
+    assert (train_attn(q, kv, ent, sel, sink, D ** -0.5, W) - want).abs().max() < 1e-5
+    want = sparse_attn(q, kv, win_idx, pool, kv_idx[..., :0], sink, D ** -0.5)
+    assert (train_attn(q, kv, None, None, sink, D ** -0.5, W) - want).abs().max() < 1e-5
+
+
+def test_training_attention_matches_the_reference():
+    """model.train() runs attention as banded / masked matmuls (train_attn); its logits and MTP logits equal
+    the cache path's (model.eval()) across window blocks and CSA / HCA entries. (Top-k takes every visible
+    entry here, so the comparison does not hinge on near-ties of the shared indexer; train_attn's picking is
+    checked above.)"""
+    args = small_args(window_size=16, index_topk=80, max_seq_len=512)
+    model = random_model(args, seed=3)
+    ids = torch.randint(0, args.vocab_size, (2, 300), generator=torch.Generator().manual_seed(4))
+    ref, X = model(ids, return_hidden=True)
+    ref_mtp = model.mtp_forward(X, ids)
+    model.train()
+    out, X = model(ids, return_hidden=True)
+    out_mtp = model.mtp_forward(X, ids)
+    model.eval()
+    assert (out - ref).abs().max() < 1e-4 and (out_mtp - ref_mtp).abs().max() < 1e-4  # fp32, summation order
+
+
+def test_training_reaches_every_part_and_the_indexer_only_through_its_loss():
+    import train
+    args = train.preset("tiny", 512)
+    model = random_model(args, seed=1).train()
+    train.optimizers(model, 1e-3)  # router biases leave autograd
+    batch = torch.randint(0, 512, (2, 130), generator=torch.Generator().manual_seed(2))
+    with torch.enable_grad():
+        parts = train.losses(model, batch)
+        assert set(parts) == {"lm", "mtp", "indexer"} and all(torch.isfinite(v) for v in parts.values())
+        (parts["lm"] + parts["mtp"]).backward()
+        indexer = {n for n, p in model.named_parameters() if ".indexer." in n}
+        for n, p in model.named_parameters():
+            if p.requires_grad:  # every part but the indexer learns from the language-model losses...
+                assert (p.grad is not None and p.grad.abs().sum() > 0) != (n in indexer), n
+        model.zero_grad(set_to_none=True)
+        train.losses(model, batch)["indexer"].backward()  # ...and the indexer from its KL loss alone
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert (p.grad is not None and p.grad.abs().sum() > 0) == (n in indexer), n
+    model.eval()
+
+
+def test_indexer_target_is_the_attention_over_visible_entries():
+    """attention_target against a direct loop: per query, softmax over the visible compressed entries for each
+    head, summed over heads, normalised."""
+    args = small_args(window_size=16, index_topk=8, max_seq_len=256)
+    model = random_model(args, seed=5).train()
+    ids = torch.randint(0, args.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
+    captured = {}
+    attn = model.layers[2].attn  # CSA
+    orig = attn.attention_target
+    attn.attention_target = lambda q, cache, limit: captured.setdefault("v", (q, cache, limit, orig(q, cache, limit)))[3]
+    model(ids)
+    model.eval()
+    q, cache, limit, p = captured["v"]
+    kv = cache.kv[cache.comp_base:cache.comp_base + p.shape[-1]].float()  # one sequence: entries in order
+    for t in (3, 17, 39):
+        n = int(limit[0, t])
+        want = torch.zeros(p.shape[-1])
+        if n:
+            want[:n] = (q[0, t].float() @ kv[:n].T * args.head_dim ** -0.5).softmax(-1).sum(0) / args.n_heads
+        assert torch.allclose(p[0, t], want, atol=1e-5), t
+
+
+def test_muon_orthogonalises_and_balancing_moves_biases():
+    import train
+    G_ = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(train.newton_schulz(G_))
+    assert s.min() > 0.5 and s.max() < 1.3  # the quintic iteration's band around 1
+    one = train.newton_schulz(G_[1:2])  # a batch is the same as each matrix alone
+    assert torch.allclose(train.newton_schulz(G_)[1], one[0], atol=1e-5)
+    model = random_model(train.preset("tiny", 512))
+    gate = model.layers[1].ffn.gate
+    gate.load, before = torch.tensor([10, 0, 5, 5]), gate.bias.clone()
+    train.balance_experts(model, 0.01)
+    assert torch.allclose(gate.bias - before, torch.tensor([-0.01, 0.01, 0.0, 0.0])) and gate.load is None
+
+
+def test_export_writes_the_shipped_layout_and_quantization_aware_experts_match_it(tmp_path):
+    """export: shards under the size cap with an index, routed experts MXFP4, V4's fp32 tensors kept; the
+    quantization-aware forward (qat_forward) equals the exported checkpoint's forward."""
+    import train
+    from safetensors import safe_open
+    model = random_model(train.preset("tiny", 512), seed=7)
+    for n, p in model.named_parameters():  # bf16-representable weights: export is then exact but for the experts
+        if p.is_floating_point() and not train.KEEP_FP32.search(n):
+            p.data = p.data.bfloat16().float()
+    tok = train.train_bpe(["x = 1\n"], 300)
+    train.export(model, tmp_path, tok, shard_mb=0.5)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and all(f.stat().st_size < 0.6 * 2**20 for f in shards)
+    assert set(index["weight_map"].values()) == {f.name for f in shards}
+    with safe_open(str(tmp_path / index["weight_map"]["layers.1.ffn.experts.0.w1.weight"]), "pt") as fh:
+        assert fh.get_tensor("layers.1.ffn.experts.0.w1.weight").dtype in (mxfp4.FP4, torch.uint8, torch.int8)
+    with safe_open(str(tmp_path / index["weight_map"]["layers.0.hc_attn_fn"]), "pt") as fh:
+        assert fh.get_tensor("layers.0.hc_attn_fn").dtype == torch.float32
+    loaded = load_model(tmp_path, dtype=torch.float32)
+    train.quantize_experts_in_training(model)
+    ids = torch.randint(0, 300, (2, 70), generator=torch.Generator().manual_seed(8))
+    assert (loaded(ids) - model(ids)).abs().max() < 1e-4
+
+
+def test_train_cli_runs_resumes_and_writes_a_loadable_checkpoint(tmp_path):
+    """A few tiny steps through `python train.py`, then --resume; the checkpoint loads and generates."""
+    out = tmp_path / "run"
+    common = ["--preset", "tiny", "--batch", "2", "--seq", "64", "--eval-every", "2", "--probe-gap", "40",
+              "--max-files", "60", "--out", str(out)]
+    r = subprocess.run([sys.executable, "train.py", *common, "--steps", "2"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "held-out loss" in r.stderr and "exported checkpoint" in r.stderr
+    r = subprocess.run([sys.executable, "train.py", *common, "--steps", "3", "--resume"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resumed at step 2" in r.stderr, r.stderr[-2000:]
+    log = json.loads((out / "log.json").read_text())
+    assert [v["step"] for v in log["val"]] == [2, 3] and math.isfinite(log["probe"]["loss"])
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("import os\n")
+    r = _cli("--prompt-file", prompt, "--ckpt", out, "--max-new-tokens", 4, "--device", "cpu")
+    assert r.returncode == 0 and "generated 4 tokens" in r.stderr, r.stderr[-1000:]
+    r = subprocess.run([sys.executable, "train.py", "--out", str(out), "--steps", "0"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--steps must be at least 1" in r.stderr
 
 
 # ------------------------------------------------------------------------------------ kvcache.py
