@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import Attention, RMSNorm, apply_rope, rope_cos_sin
-from model import Block, Gate, Linear, ModelArgs, Transformer, init_random_, tiny
+from attention import Attention, RMSNorm, apply_rope, rope_cos_sin, rope_freqs
+from model import Gate, Linear, ModelArgs, Transformer, init_random_, tiny
 from mxfp4 import fp8_roundtrip, mxfp4_dequantize, mxfp4_quantize
 
 # ------------------------------------------------------------------------------------------ the corpus
@@ -297,20 +297,54 @@ def evaluate(model, val: np.ndarray, seq: int, batches: int, batch_size: int, de
 
 
 @torch.no_grad()
-def probe(model, val: np.ndarray, gap: int, n: int = 16, span: int = 64, device="cpu", ctx=None) -> float:
+def probe(model, val: np.ndarray, gap: int, n: int = 16, span: int = 64, device="cpu", ctx=None) -> list[float]:
     """Long-context recall: a held-out span, `gap` tokens of other held-out code, the same span again; the
-    mean loss on the repeat's tokens 2..span. Past the window, only CSA / HCA (or full attention) reach it."""
-    model.eval()
-    rng, total = np.random.default_rng(1), 0.0
+    loss on the repeat's tokens 2..span, per sample. Past the window only CSA / HCA (or full attention)
+    can reach the first copy."""
+    was = model.training
+    model.train()  # the whole-sequence attention path: the same logits as the cache path, far cheaper here
+    rng, out = np.random.default_rng(1), []
     for _ in range(n):
         a, f = rng.integers(0, len(val) - span - gap - 1, 2)
         seq = np.concatenate([val[a:a + span], val[f:f + gap], val[a:a + span]]).astype(np.int64)
         ids = torch.from_numpy(seq)[None].to(device)
-        with ctx:
+        with ctx or contextlib.nullcontext():
             logits = model(ids[:, :-1]).float()
-        total += F.cross_entropy(logits[0, -(span - 1):], ids[0, -(span - 1):]).item()
-    model.train()
-    return total / n
+        out.append(F.cross_entropy(logits[0, -(span - 1):], ids[0, -(span - 1):]).item())
+    model.train(was)
+    return out
+
+
+@contextlib.contextmanager
+def window_only(model: Transformer):
+    """An inference-time ablation: CSA and HCA layers attend over their sliding window alone (their RoPE
+    tables stay those of their ratio)."""
+    attns = [b.attn for b in model.layers if b.attn.ratio]
+    dev = model.embed.weight.device
+    for at in attns:
+        at.freqs.setdefault(dev, rope_freqs(at.args, at.ratio).to(dev))
+        at.ratio, at.saved_ratio = 0, at.ratio
+    try:
+        yield
+    finally:
+        for at in attns:
+            at.ratio = at.saved_ratio
+
+
+def evaluate_checkpoint(path: str, gap: int, n: int):
+    """Held-out loss and the recall probe of a checkpoint, with and without its compressed entries (paired)."""
+    from generate import tokenizer_from_hf
+    from model import load_model
+    model = load_model(path, dtype=torch.float32)
+    _, val_docs = corpus()
+    val = tokens(tokenizer_from_hf(Path(path) / "tokenizer.json"), val_docs)
+    full = probe(model, val, gap, n)
+    with window_only(model):
+        win = probe(model, val, gap, n)
+    d = np.array(win) - np.array(full)
+    print(f"{path}: {len(val):,} held-out tokens; probe (gap {gap}, {n} samples): loss on the repeat "
+          f"{np.mean(full):.3f} with CSA / HCA, {np.mean(win):.3f} window-only; difference {d.mean():.3f} "
+          f"± {d.std(ddof=1) / np.sqrt(n):.3f} (standard error)")
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -366,6 +400,8 @@ def main(argv=None):
     ap.add_argument("--arch", choices=["v4", "gpt", "window"], default="v4",
                     help="v4; gpt: the dense baseline of the same active size; window: V4 with every layer window-only")
     ap.add_argument("--out", help="output directory: checkpoint, train_state.pt, log.json")
+    ap.add_argument("--probe", metavar="CKPT", help="run the recall probe on a checkpoint, with and without CSA / HCA")
+    ap.add_argument("--probe-n", type=int, default=16, help="probe samples")
     ap.add_argument("--plot", nargs="+", metavar="FILE", help="PNG LOG.json...: plot the loss curves of runs and exit")
     ap.add_argument("--tokenizer", default=str(Path(__file__).parent / "weights" / "tokenizer.json"),
                     help="tokenizer.json to use; trained from the corpus (and written to --out) if missing")
@@ -381,10 +417,11 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-files", type=int, help="use only the first N source files (quick checks)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the mHC mixing (fewer, fused kernels)")
     a = ap.parse_args(argv)
     if a.plot:
         return plot(a.plot[0], a.plot[1:])
+    if a.probe:
+        return evaluate_checkpoint(a.probe, a.probe_gap, a.probe_n)
     if not a.out:
         ap.error("--out is required")
     for k in ("steps", "batch", "seq", "eval_every"):
@@ -417,8 +454,6 @@ def main(argv=None):
     args.max_seq_len = max(args.max_seq_len, a.seq, 2 * 64 + a.probe_gap)
     if a.arch == "window":
         args.compress_ratios = [0] * len(args.compress_ratios)
-    if a.compile:  # Sinkhorn's 20 rounds are ~80 tiny kernels per call in eager mode
-        Block.hc_pre, Block.hc_post = torch.compile(Block.hc_pre), staticmethod(torch.compile(Block.hc_post))
     model = init_random_(Transformer(args, torch.float32), seed=a.seed)
     model = gpt_like(model) if a.arch == "gpt" else model
     model.to(device).train()
@@ -482,7 +517,8 @@ def main(argv=None):
             log["val"].append(dict(step=step, time=round(time.time() - t0, 1), loss=round(v, 4)))
             print(f"\nstep {step}: held-out loss {v:.4f}", file=sys.stderr)
             save()
-    log["probe"] = dict(gap=a.probe_gap, loss=round(probe(model, val, a.probe_gap, device=device, ctx=ctx), 4))
+    log["probe"] = dict(gap=a.probe_gap, loss=round(float(np.mean(probe(model, val, a.probe_gap, device=device,
+                                                                          ctx=ctx))), 4))
     log["train_seconds"] = round(time.time() - t0, 1)
     print(f"long-context probe (gap {a.probe_gap}): loss on the repeat {log['probe']['loss']:.4f}", file=sys.stderr)
     save()
