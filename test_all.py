@@ -797,6 +797,13 @@ def _nan_weight(d):
     save_file(sd, d / "model.safetensors")
 
 
+def _no_mtp(d):
+    from safetensors.torch import load_file
+    save_file({k: v for k, v in load_file(d / "model.safetensors").items() if not k.startswith("mtp.")},
+              d / "model.safetensors")
+    _edit_config(num_nextn_predict_layers=0)(d)
+
+
 def test_cli_bad_input_table(tmp_path, oracle_ckpt):
     """Bad input as a user gives it, through `python generate.py`: one `error:` line naming the flag, file or
     line, a non-zero exit, no traceback, no hang (every run has a timeout)."""
@@ -867,6 +874,7 @@ def test_cli_bad_input_table(tmp_path, oracle_ckpt):
         (bad("toknotjson", lambda d: (d / "tokenizer.json").write_text("nope")), "cannot read the tokenizer", 1),
         (bad("tokvocab", lambda d: (d / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": [1]}}')),
          "tokenizer.json", 1),
+        (bad("nomtp", _no_mtp) + ["--speculate"], "--speculate drafts with the MTP block", 2),
     ]
     with ThreadPoolExecutor(3) as pool:  # each run is mostly interpreter start-up: overlap them
         results = list(pool.map(lambda c: _cli(*c[0]), cases))
@@ -2206,6 +2214,17 @@ def test_speculative_pools_match_the_plan():
     assert all(u.shape == t.shape for l in r.state for t, u in zip(r.state[l], r.undo[l]))
     with pytest.raises(ValueError, match="n_mtp_layers 0"):
         Engine(random_model(small_args(n_mtp_layers=0)), 64 << 20, log=lambda *a: None, speculate=True)
+
+
+def test_cli_speculate(tmp_path):
+    """--speculate prints what plain decoding prints for the same seed and reports the acceptance rate;
+    on a checkpoint without an MTP block it is one error line and exit 2 (the bad-input table has it too)."""
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Once upon a time")
+    args = ["--prompt-file", prompt, "--max-new-tokens", 12, "--device", "cpu", "--top-p", 0.9]
+    plain, spec = _cli(*args), _cli(*args, "--speculate")
+    assert plain.returncode == spec.returncode == 0 and plain.stdout == spec.stdout, spec.stderr
+    assert "drafts accepted" in spec.stderr and "tokens/s" in spec.stderr and "drafts" not in plain.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
