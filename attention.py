@@ -141,7 +141,7 @@ class LayerCache:
     comp_base: int = 0  # row of kv where compressed pages start
     index_keys: torch.Tensor | None = None  # [N_I, c_I], or uint8 [N_I, c_I/2 + c_I/32] MXFP4 rows (kv_store)
     comp_state: tuple | None = None  # (kv, score) [slots, (1+o)m, (1+o)D] fp32; o = 1 when blocks overlap (m = 4)
-    index_state: tuple | None = None  # (kv, score) [slots, 8, 2 c_I]
+    index_state: tuple | None = None  # (kv, score) [slots, 8, 2 c_I]; either may add a pair (Compressor.forward)
     slots: torch.Tensor | None = None  # [B] the state rows of this batch (None: rows 0..B-1)
     n_tok: torch.Tensor | None = None  # [B] real tokens per row; the rest of S pads a batch of chunks
     keep_from: torch.Tensor | None = None  # [B] window positions below this are absent (a replay's start)
@@ -204,10 +204,11 @@ class Compressor(nn.Module):
                 carry=None):
         """x [B,S,dim] at positions pos [B,S] (consecutive per sequence) -> (entries [B,n,c'], their ids
         [B,n], valid [B,n]). `state` = (kv, score) carries the previous block (m = 4) and the unfinished
-        block across calls: rows `slots` [B] of it (rows 0..B-1 without), read and written back here. Row b
-        holds n_tok[b] real tokens (the rest pad a batch of chunks and are ignored). `carry` = (kv, score,
-        pages [B,K], page): the previous block at each page boundary this call passes, written to row
-        pages[b, k] of the carry pools for boundary k (-1: not kept), so a later hit there resumes exactly."""
+        block across calls: rows `slots` [B] of it (rows 0..B-1 without), read and written back here (a
+        second pair gets the state before the last token). Row b holds n_tok[b] real tokens (the rest pad a
+        batch of chunks and are ignored). `carry` = (kv, score, pages [B,K], page): the previous block at each
+        page boundary this call passes, written to row pages[b, k] of the carry pools for boundary k (-1: not
+        kept), so a later hit there resumes exactly."""
         B, S, _ = x.shape
         m, c = self.ratio, self.width
         slots = torch.arange(B, device=x.device) if slots is None else slots
@@ -259,20 +260,32 @@ class Compressor(nn.Module):
             kb = ((P - (pos[:, :1] - r[:, None])) // m - 1).clamp(0, nb - 1)
             dst = torch.where((P <= (pos[:, 0] + n_real)[:, None]) & (pages >= 0), pages, -1)  # -1: the sink row
             ckv[dst], cscore[dst] = blk_a[bi, kb, :, :c], blk_z[bi, kb, :, :c]  # [B,K,m,c'] previous-block role
-        # carry: the last complete block becomes "previous", the leftover tokens the unfinished block
-        if self.overlap:
-            last = (n - 1).clamp(min=0)
-            keep = (n > 0)[:, None, None]
-            kv_state[:, :m] = torch.where(keep, blk_a[bi[:, 0], last], kv_state[:, :m])
-            score_state[:, :m] = torch.where(keep, blk_z[bi[:, 0], last], score_state[:, :m])
-        tail = n[:, None] * m + torch.arange(m, device=x.device)[None]  # [B,m]
-        kv_state[:, cur:cur + m], score_state[:, cur:cur + m] = buf_a[bi, tail], buf_z[bi, tail]
-        state[0][slots], state[1][slots] = kv_state, score_state
+        # A second (kv, score) pair in `state` (a speculative verify call) gets the state before the call's
+        # last token, the draft: the runner keeps it for rows whose draft is rejected (runner.py).
+        for k, end in ((0, r + n_real), (2, r + n_real - 1))[:len(state) // 2]:
+            state[k][slots], state[k + 1][slots] = self.next_state(kv_state, score_state, buf_a, buf_z, end)
         if self.for_indexer:
             e = fp4_roundtrip(hadamard_rotate(e), 32) if self.quant else e
         elif self.quant:
             e = quant_kv(e, self.rope_dim)
         return e, ids, valid
+
+    def next_state(self, kv_state, score_state, buf_a, buf_z, end):
+        """The state rows after the buffer's first end [B] rows (carried, then new tokens): the tokens after
+        the last complete block are the unfinished block, the rows past them empty (value 0, score -inf);
+        for m = 4 that last complete block becomes "previous" (none completed: the old one stays)."""
+        m, B = self.ratio, buf_a.shape[0]
+        bi, j = torch.arange(B, device=buf_a.device)[:, None], torch.arange(m, device=buf_a.device)[None]
+        n = end // m  # [B] complete blocks
+        tail = n[:, None] * m + j  # [B,m] buffer rows of the unfinished block
+        real = (tail < end[:, None])[..., None]
+        rows = torch.where(real, buf_a[bi, tail], 0.0), torch.where(real, buf_z[bi, tail], -math.inf)  # [B,m,c]
+        if self.overlap:
+            last, keep = (n[:, None] - 1).clamp(min=0) * m + j, (n > 0)[:, None, None]  # [B,m], [B,1,1]
+            prev = (torch.where(keep, buf_a[bi, last], kv_state[:, :m]),
+                    torch.where(keep, buf_z[bi, last], score_state[:, :m]))
+            rows = tuple(torch.cat(p, 1) for p in zip(prev, rows))  # [B,2m,c]: previous block, then unfinished
+        return rows
 
 
 # ---------------------------------------------------------------------------------- lightning indexer
@@ -300,8 +313,8 @@ class Indexer(nn.Module):
         w = self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,S,HI]
         E = cache.comp_page
         T = entries_to_read(limit, cache.comp_table.shape[1] * E)
-        if kernels.use_kernels(x.device) and q.dtype == torch.bfloat16 and E % 64 == 0 and pow2(self.n_heads) \
-                and pow2(self.head_dim):
+        fits = E % 64 == 0 and self.n_heads >= 16 and pow2(self.n_heads) and pow2(self.head_dim)  # (tl.dot tiles)
+        if kernels.use_kernels(x.device) and q.dtype == torch.bfloat16 and fits:
             r = E // 64  # the kernel reads pages of 64 keys: split each page into r of them
             table = (cache.comp_table[:, :, None] * r + torch.arange(r, device=x.device)).flatten(1)  # [B,pages*r]
             return kernels.indexer_topk(  # scores the pages in place, exact top-k over the visible entries

@@ -132,12 +132,13 @@ def load_tokenizer(ckpt_dir=None) -> tuple[tiktoken.Encoding, int | None]:
 
 # ------------------------------------------------------------------------------------------- generation
 def engine_for(model, policy="recompute", kv_gb=None, max_seqs=16, token_budget=4096, log=print,
-               graphs=True) -> Engine:
+               graphs=True, speculate=False) -> Engine:
     """An Engine over the model; the cache budget is kv_gb, else half the free GPU memory (1 GB on the CPU).
-    Sampling runs on the device (runner.sample)."""
+    Sampling runs on the device (runner.sample); speculate drafts with the MTP block (runner.py)."""
     if kv_gb is None:
         kv_gb = torch.cuda.mem_get_info()[0] / 2 / 2**30 if model.embed.weight.is_cuda else 1.0
-    return Engine(model, int(kv_gb * 2**30), policy, max_seqs, token_budget, log=log, graphs=graphs)
+    return Engine(model, int(kv_gb * 2**30), policy, max_seqs, token_budget, log=log, graphs=graphs,
+                  speculate=speculate)
 
 
 @torch.inference_mode()
@@ -252,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seqs", type=int, default=16, help="sequences decoding at once")
     ap.add_argument("--token-budget", type=int, default=4096, help="prefill positions per step (padded chunks)")
     ap.add_argument("--no-graphs", action="store_true", help="decode eagerly instead of replaying CUDA graphs")
+    ap.add_argument("--speculate", action="store_true",
+                    help="draft a token a step with the MTP block and verify it (the output does not change)")
     a = ap.parse_args(argv)
     try:
         bad = check_flags(a)
@@ -281,12 +284,15 @@ def run(a) -> int:
     # the shipped model runs in fp32 on the CPU, where bf16 matmuls are slower
     dtype = torch.float32 if not a.ckpt and a.device == "cpu" else None
     model = load_model(ckpt, device=a.device, dtype=dtype, max_seq_len=a.max_seq_len)
+    if a.speculate and not model.args.n_mtp_layers:  # the flag asks for what the checkpoint lacks
+        print(f"error: --speculate drafts with the MTP block, and {ckpt} has none (n_mtp_layers 0)", file=sys.stderr)
+        return 2
     enc, eos_id = load_tokenizer(ckpt)
     if a.kv_gb is not None and a.kv_gb * 2**30 > free_memory(a.device):
         raise ValueError(f"--kv-gb {a.kv_gb} is more than the {free_memory(a.device) / 2**30:.1f} GB of free "
                          f"{a.device} memory")
     engine = engine_for(model, a.window_policy, a.kv_gb, a.max_seqs, a.token_budget,
-                        log=lambda m: print(m, file=sys.stderr), graphs=not a.no_graphs)
+                        log=lambda m: print(m, file=sys.stderr), graphs=not a.no_graphs, speculate=a.speculate)
     ctx = model.args.max_seq_len
     # added tokens in the prompt (chat-template markers) encode as themselves, as HF tokenizers do
     ids = [enc.encode(t, allowed_special="all") for _, t in prompts]

@@ -19,19 +19,20 @@ from runner import Row, Runner
 
 
 def plan(args, budget_bytes: int, policy: str, max_seqs: int, page: int = 256, elem: int = 2, pages=None,
-         kv_row: int | None = None, key_row: int | None = None):
+         kv_row: int | None = None, key_row: int | None = None, mtp: bool = False):
     """Bytes of one page of each kind, and how many pages of each kind a memory budget buys. Each running
     sequence needs its compressor state (fp32) and, under recompute, at most 4 window pages (the W-1
     positions a call reads and the W-1 it leaves, W <= page); the rest buys prefix pages, each costing csa + hca, plus
     window + carry under store. `pages` fixes the prefix page count instead (small test pools). kv_row /
     key_row: bytes of a main-KV row / an indexer key (default D x elem / c_I x elem; 584 / 68 when packed,
-    attention.kv_pool)."""
+    attention.kv_pool). mtp: speculative decoding, whose MTP block adds a window-only layer and whose
+    compressors keep a second state (runner.py)."""
     ratios = args.compress_ratios[:args.n_layers]
     D, cI, L = args.head_dim, args.index_head_dim, len(ratios)
     n_csa, hca, row = ratios.count(4), [r for r in ratios if r not in (0, 4)], kv_row or D * elem
-    page_bytes = {"window": L * page * row, "csa": n_csa * page // 4 * (row + (key_row or cI * elem)),
+    page_bytes = {"window": (L + mtp) * page * row, "csa": n_csa * page // 4 * (row + (key_row or cI * elem)),
                   "hca": sum(page // r for r in hca) * row, "carry": n_csa * 4 * (D + cI) * 2 * 4}
-    state = max_seqs * 4 * 2 * (n_csa * 8 * 2 * (D + cI) + sum(hca) * D)
+    state = (1 + mtp) * max_seqs * 4 * 2 * (n_csa * 8 * 2 * (D + cI) + sum(hca) * D)
     kinds = [k for k in ("csa", "hca") if page_bytes[k]] + (["window", "carry"] if policy == "store" else [])
     fixed = state + (4 * max_seqs * page_bytes["window"] if policy == "recompute" else 0)
     n = pages or (budget_bytes - fixed) // max(sum(page_bytes[k] for k in kinds), 1)
@@ -113,6 +114,7 @@ class Seq:
     replay_end: int = 0
     hit_tokens: int = 0
     admissions: int = 0  # more than one after a preemption
+    draft: int | None = None  # the MTP block's guess at the token after the last one (when speculating)
     page_hashes: list = field(default_factory=list)  # chained hashes of the full pages, computed once
     logits: list = field(default_factory=list)  # each emitted token's logits, when the engine keeps them
 
@@ -122,7 +124,7 @@ class Seq:
 
     def row(self, end: int, carry: list | None, sample: bool) -> Row:
         return Row(self.slot, self.pos, self.tokens[self.pos:end], self.params, sample, self.replay_start,
-                   self.replay_end, carry)
+                   self.replay_end, carry, self.tokens[end] if end < len(self.tokens) else -1, self.draft)
 
 
 @dataclass
@@ -134,6 +136,8 @@ class Metrics:
     decode_tokens: int = 0
     decode_s: float = 0.0
     preemptions: int = 0
+    drafts: int = 0  # speculative decoding: drafts verified, and accepted
+    accepted: int = 0
     ttft: list = field(default_factory=list)  # (seconds, hit tokens) per request
 
 
@@ -266,13 +270,15 @@ class Engine:
     """Continuous batching over the paged caches: requests join while others decode, finished ones leave,
     prefill runs in chunks of several sequences under a per-step token budget, and a request that does not
     fit waits or preempts the newest running one (its pages go back; it resumes later, usually from its own
-    prefix). graphs: run the decode step as CUDA graphs (runner.py), on CUDA."""
+    prefix). graphs: run the decode step as CUDA graphs (runner.py), on CUDA. speculate: decode with the MTP
+    block's drafts (runner.py); draft_hook(seq) -> id, when set, replaces each draft (tests force accepts and
+    rejects with it)."""
 
     def __init__(self, model, budget_bytes: int, policy: str = "recompute", max_seqs: int = 16,
                  token_budget: int = 4096, page: int | None = None, log=print, keep_logits=False, pages=None,
-                 graphs: bool = True):
+                 graphs: bool = True, speculate: bool = False):
         a = model.args
-        ratios = a.compress_ratios[:a.n_layers]  # the MTP block is not run by the engine
+        ratios = a.compress_ratios[:a.n_layers]  # the main layers (the MTP block's window is another layer's)
         hca = sorted({r for r in ratios if r not in (0, 4)})
         # a page holds whole blocks of every ratio and the whole window (then a sequence's window spans at
         # most 2 pages); by default the first such size from 256 positions, as in vLLM and SGLang
@@ -283,14 +289,16 @@ class Engine:
         if page % unit or page < a.window_size:
             raise ValueError(f"page {page} must be a multiple of {unit} (lcm of 4 and the HCA ratios) and hold the "
                              f"window of {a.window_size}")
+        if speculate and not a.n_mtp_layers:
+            raise ValueError("speculative decoding drafts with the MTP block, and this model has none (n_mtp_layers 0)")
         if max_seqs < 1 or token_budget < 1:
             raise ValueError(f"max_seqs and token_budget must be at least 1, got {max_seqs} and {token_budget}")
         self.args, self.policy, self.page, self.max_seqs, self.token_budget = a, policy, page, max_seqs, token_budget
         row, key = (kv_pool(a, 0, model.dtype, "meta", index=i) for i in (False, True))  # the row formats stored
         page_bytes, counts = plan(a, budget_bytes, policy, max_seqs, page, model.embed.weight.element_size(), pages,
-                                  row.shape[1] * row.element_size(), key.shape[1] * key.element_size())
+                                  row.shape[1] * row.element_size(), key.shape[1] * key.element_size(), speculate)
         self.pools = {k: Pool(k, c, page_bytes[k]) for k, c in counts.items() if page_bytes[k] and c}
-        self.runner = Runner(model, counts, page, max_seqs, graphs, keep_logits)
+        self.runner = Runner(model, counts, page, max_seqs, graphs, keep_logits, speculate)
         # the smallest ratio of each compressed kind: its entries fill that kind's pages first
         ratio = {k: m for k, m in (("csa", 4), ("hca", hca[0] if hca else 0)) if k in self.pools}
         self.pages = Pages(self.pools, page, policy, a.window_size, ratio, self.runner)
@@ -301,10 +309,10 @@ class Engine:
         W = a.window_size
         self.replay_tokens = max(l * (W - 1) + max(W - 1, 4 if r == 4 else 0) for l, r in enumerate(ratios))
         self.waiting, self.running, self.finished = deque(), [], []
-        self.free_slots, self.metrics, self.next_rid = list(range(max_seqs)), Metrics(), 0
+        self.free_slots, self.metrics, self.next_rid, self.draft_hook = list(range(max_seqs)), Metrics(), 0, None
         log(f"kv cache: policy {policy}, page {page} tokens, pages " + ", ".join(f"{k} {p.n} ({p.page_bytes / page:.0f} "
             "B/token)" for k, p in self.pools.items()) + f"; minimum reusable prefix {page} tokens; decode "
-            + ("as CUDA graphs" if self.runner.use_graphs else "eager"))
+            + ("as CUDA graphs" if self.runner.use_graphs else "eager") + (", speculative" if speculate else ""))
 
     # ------------------------------------------------------------------------------ requests
     def add(self, prompt: list, max_new: int, **params) -> int:
@@ -409,17 +417,24 @@ class Engine:
             self.running.append(self.waiting.popleft())
         dec = [s for s in self.running if s.pos == len(s.tokens) - 1]
         for s in dec:
-            self.hold(s, s.pos + 1)
+            self.hold(s, s.pos + 1 + self.runner.speculate)  # (a draft's position too)
         dec = [s for s in dec if s in self.running]  # a later hold may preempt an earlier one
         if dec:
-            t0 = time.perf_counter()
+            t0, n0 = time.perf_counter(), len(events)
+            for s in dec if self.draft_hook else ():  # a test's drafts instead of the MTP block's
+                s.draft = self.draft_hook(s)
             outs = self.runner.decode([s.row(s.pos + 1, self.pages.carry_for(s), True) for s in dec])
-            for s, (out, logits) in zip(dec, outs):
-                s.pos += 1
-                self.pages.after_forward(s)
-                self.emit(s, out, logits, events)
+            for s, (toks, draft) in zip(dec, outs):
+                s.draft = draft
+                for out, logits in toks:  # one token; speculating, after an accepted draft a second one
+                    if s in self.running:  # (unless the first one retired s)
+                        s.pos += 1
+                        self.pages.after_forward(s)
+                        self.emit(s, out, logits, events)
+                self.metrics.accepted += len(toks) - 1
+            self.metrics.drafts += len(dec) * self.runner.speculate
             self.metrics.decode_s += time.perf_counter() - t0
-            self.metrics.decode_tokens += len(dec)
+            self.metrics.decode_tokens += len(events) - n0
         chunks, width = [], 0
         for s in [s for s in self.running if s.pos < len(s.tokens) - 1]:
             n = min(len(s.tokens) - s.pos, self.token_budget // (len(chunks) + 1))
@@ -432,11 +447,11 @@ class Engine:
         if chunks:
             outs = self.runner.prefill([s.row(s.pos + n, self.pages.carry_for(s), s.pos + n == len(s.tokens))
                                         for s, n in chunks])
-            for (s, n), (out, logits) in zip(chunks, outs):
+            for (s, n), (toks, draft) in zip(chunks, outs):
                 self.metrics.computed_tokens += n
-                s.pos += n
+                s.pos, s.draft = s.pos + n, draft
                 self.pages.after_forward(s)
-                if s.pos == len(s.tokens):  # everything is in: the last logits give the next token
+                for out, logits in toks:  # everything is in: the last logits give the next token
                     self.emit(s, out, logits, events)
         return events
     def check(self):
@@ -460,7 +475,8 @@ class Engine:
                 "computed_tokens": m.computed_tokens, "recomputed_tokens": m.recomputed_tokens,
                 "preemptions": m.preemptions, "ttft_cold_s": med([t for t, h in m.ttft if h == 0]),
                 "ttft_hit_s": med([t for t, h in m.ttft if h > 0]),
-                "decode_tok_s": m.decode_tokens / m.decode_s if m.decode_s else 0.0,
+                "decode_tok_s": m.decode_tokens / m.decode_s if m.decode_s else 0.0, "drafts": m.drafts,
+                "acceptance": m.accepted / m.drafts if m.drafts else None,
                 "bytes_per_token": {k: p.page_bytes / self.page for k, p in self.pools.items()}}
 
     @staticmethod
@@ -471,7 +487,8 @@ class Engine:
                 f"{r['recomputed_tokens']}), preemptions {r['preemptions']}\npages in use/cached/total "
                 + ", ".join(f"{k} {u}/{c}/{n}" for k, (u, c, n) in r["occupancy"].items()) + "; evictions "
                 + ", ".join(f"{k} {v}" for k, v in r["evictions"].items()) + f"\ntime to first token cold "
-                f"{ms(r['ttft_cold_s'])}, hit {ms(r['ttft_hit_s'])}; decode {r['decode_tok_s']:.1f} tokens/s")
+                f"{ms(r['ttft_cold_s'])}, hit {ms(r['ttft_hit_s'])}; decode {r['decode_tok_s']:.1f} tokens/s"
+                + (f"; drafts accepted {r['acceptance']:.1%} of {r['drafts']}" if r["drafts"] else ""))
 
     def run(self) -> list:
         while self.waiting or self.running:

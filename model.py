@@ -478,9 +478,9 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, start_pos: int = 0, cache: list[LayerCache] | None = None,
                 return_hidden: bool = False, logits_at: torch.Tensor | None = None):
-        """ids [B,S] at positions start_pos.. -> fp32 logits [B,S,vocab] (and the 4-stream state the MTP
-        block reads); with logits_at [B], only row b's logits at position logits_at[b]: [B,vocab]. Without
-        a cache the call must start at position 0."""
+        """ids [B,S] at positions start_pos.. -> fp32 logits [B,S,vocab] (and the 4-stream state [B,S,n,d]
+        the MTP block reads); with logits_at [B], only row b's logits at position logits_at[b]: [B,vocab].
+        Without a cache the call must start at position 0."""
         B, S = ids.shape
         if cache is None:
             if torch.as_tensor(start_pos).any():
@@ -494,22 +494,24 @@ class Transformer(nn.Module):
         X = self.embed(ids)[:, :, None].expand(B, S, self.args.hc_mult, self.args.dim).contiguous()  # [B,S,n,d]
         for i, layer in enumerate(self.layers):
             X = layer(X, start_pos, ids, cache[i])
-        if logits_at is not None:  # the positions that sample: [B,S,n,d] -> [B,1,n,d]
-            X = X[torch.arange(B, device=X.device), logits_at][:, None]
-        logits = self.logits(X, self)
-        logits = logits[:, 0] if logits_at is not None else logits
+        logits = self.logits(X, self) if logits_at is None else self.logits_at(X, self, logits_at)
         return (logits, X) if return_hidden else logits
 
+    def logits_at(self, X, owner, at) -> torch.Tensor:
+        """Logits of row b at position at[b] only (the positions that sample): [B,S,n,d] -> [B,vocab]."""
+        return self.logits(X[torch.arange(X.shape[0], device=X.device), at][:, None], owner)[:, 0]
+
     def mtp_forward(self, X_main: torch.Tensor, next_ids: torch.Tensor, start_pos: int = 0,
-                    cache: list[LayerCache] | None = None) -> torch.Tensor:
-        """Draft logits [B,S,vocab] for token t+2 from the main model's streams at t and the ids of t+1."""
+                    cache: list[LayerCache] | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Draft logits [B,S,vocab] for token t+2 from the main model's streams at t and the ids of t+1
+        (with logits_at [B], row b's at position logits_at[b] only: [B,vocab])."""
         mtp, B, S = self.mtp[0], *next_ids.shape
         e = mtp.e_proj(mtp.enorm(self.embed(next_ids)))  # [B,S,d]
         X = e[:, :, None] + mtp.h_proj(mtp.hnorm(X_main))  # broadcast over the n streams -> [B,S,n,d]
         if cache is None:
             cache = [None] * self.args.n_layers + self.new_cache(B, S)[self.args.n_layers:]
         X = mtp(X, start_pos, next_ids, cache[self.args.n_layers])
-        return self.logits(X, mtp)
+        return self.logits(X, mtp) if logits_at is None else self.logits_at(X, mtp, logits_at)
 
 
 
