@@ -550,4 +550,7 @@ def plot(png: str, logs: list[str]):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a missing or broken checkpoint, tokenizer or output directory
+        sys.exit(f"error: {e}")
