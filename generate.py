@@ -285,7 +285,8 @@ def run(a) -> int:
         print("note: no --ckpt, so this is the untrained tiny model with random weights; the text is noise "
               "until trained weights exist", file=sys.stderr)
     if a.speculate and not model.args.n_mtp_layers:  # the flag asks for what the checkpoint lacks
-        print(f"error: --speculate drafts with the MTP block, and {a.ckpt} has none (n_mtp_layers 0)", file=sys.stderr)
+        print(f"error: --speculate drafts with the MTP block, and {a.ckpt or 'the model'} has none (n_mtp_layers 0)",
+              file=sys.stderr)
         return 2
     enc, eos_id = load_tokenizer(a.ckpt)
     if a.kv_gb is not None and a.kv_gb * 2**30 > free_memory(a.device):
