@@ -355,7 +355,6 @@ class Engine:
             for k in ("overall", *pg.prefix_kinds):
                 self.metrics.hit_tokens[k] += P
         s.hit_tokens = P
-        self.runner.reset_slot(s.slot, hit[-1].get("carry") if hit else None)
         if self.policy == "store":
             s.pos = P
         else:
@@ -365,6 +364,7 @@ class Engine:
             s.replay_end = P
             s.win_low = s.pos // self.page
             self.metrics.recomputed_tokens += P - s.pos
+        self.runner.reset_slot(s.slot, hit[-1].get("carry") if hit else None, s.pos)
         return True
 
     def release(self, s: Seq):

@@ -28,10 +28,10 @@ runs only over committed pairs (streams at t, token t+1) after acceptance, so no
 
 The MTP block's window is one more window-only layer on the window pages, written in the same call as the
 main layers' rows at the same positions (a prefill chunk pairs its last position with the next known token,
-or with the one it samples), so a page published under store holds it complete and a hit resumes it
-exactly. Under recompute a hit's replay rebuilds it from main-model streams that are exact only late in the
-replay: the first drafts after such a hit may be worse guesses, the output is the same, and the block reads
-only its own sequence's rows (positions before the replay are masked, as in the main layers).
+or with the one it samples). It reads only the rows its sequence wrote since it was admitted (mtp_from):
+after a prefix hit the rows before the hit are absent, since a shared page's last row pairs its position
+with the next token of whichever request computed it, and under recompute the replay rebuilds them from
+streams that are exact only late in it. Drafts right after a hit see less context; the output is the same.
 """
 import math
 from dataclasses import dataclass
@@ -112,6 +112,7 @@ class Runner:
                     self.carry[l] = tuple(torch.zeros(counts["carry"] + 1, 4, w, device=dev) for w in (D, D, cI, cI))
         if speculate:  # the MTP block's window rows: one more window-only layer on the window pages
             self.kv[a.n_layers] = kv_pool(a, nw, dt, dev)
+        self.mtp_from = torch.zeros(max_seqs + 1, dtype=torch.long, device=dev)  # per slot, see mtp_views
         # where a verify call's compressors put the state before its draft (same shapes as the state)
         self.undo = {l: tuple(torch.zeros_like(t) for t in ts) for l, ts in self.state.items()} if speculate else {}
         width = -(-a.max_seq_len // page)  # block table columns: the context the engine admits
@@ -142,8 +143,10 @@ class Runner:
             self.tables[k][idx[0], idx[1]] = idx[2]
         self.pending = {}
 
-    def reset_slot(self, slot: int, carry_page: int | None):
-        """Empty compressor state for a new sequence; with a carry page, the block before a prefix hit."""
+    def reset_slot(self, slot: int, carry_page: int | None, start: int = 0):
+        """Empty compressor state for a new sequence; with a carry page, the block before a prefix hit. start:
+        the first position it computes, where its MTP window begins."""
+        self.mtp_from[slot] = start
         for ts in self.state.values():
             for t, empty in zip(ts, (0.0, -math.inf) * 2):  # (kv, score) pairs
                 t[slot] = empty
@@ -173,10 +176,10 @@ class Runner:
 
     def mtp_views(self, views: list, n_tok) -> list:
         """views plus the MTP block's: its own window rows on the same window pages (another window-only
-        layer), with n_tok [B] real positions per row."""
+        layer), with n_tok [B] real positions per row, reading only rows its sequence wrote (mtp_from)."""
         c = views[0]
         return views + [LayerCache(self.kv[len(self.ratios)], c.win_table, self.page, slots=c.slots, n_tok=n_tok,
-                                   keep_from=c.keep_from, max_pos=c.max_pos)]
+                                   keep_from=self.mtp_from[c.slots], max_pos=c.max_pos)]
 
     def keep_state(self, slots, accepted):
         """Rows whose draft was rejected take the compressor state as of their last committed token, which the

@@ -2199,8 +2199,8 @@ def assert_same_outputs(got: dict, ref: dict, atol=1e-5):
 def test_speculative_decoding_gives_plain_decodings_tokens(params):
     """--speculate commits exactly the tokens plain decoding does, greedy and sampled (the hashed sampler draws
     the same token at a position whichever step computes it), with the MTP block's drafts and with forced ones
-    (a mix of accepts and rejects). The MTP block's drafts equal its no-cache forward's over the committed
-    tokens, drawn with the target's noise, so its window is exact, prefix hits included (store)."""
+    (a mix of accepts and rejects). Without a prefix hit the MTP block's drafts equal its no-cache forward's
+    over the committed tokens, drawn with the target's noise: its window cache is exact."""
     from runner import sample
     model = random_model(micro_args(), seed=30)
     waves = spec_waves(31)
@@ -2215,12 +2215,34 @@ def test_speculative_decoding_gives_plain_decodings_tokens(params):
     assert_same_outputs(forced, plain)
     assert [s.hit_tokens for s in sorted(forced.values(), key=lambda s: s.rid)][4:] == [32, 16]
     p = {"temperature": 0.0, "top_p": 1.0, **params}
-    for rid, s in mtp.items():  # the no-cache reference: MTP at n-1 (streams there, token n) guesses token n+1
+    for rid, s in ((r, s) for r, s in mtp.items() if not s.hit_tokens):  # MTP at n-1 with token n guesses n+1
         ids = torch.tensor([s.tokens])
         ref = model.mtp_forward(model(ids, return_hidden=True)[1][:, :-1], ids[:, 1:])[0]  # [T-1,V]
         n, got = map(torch.tensor, zip(*[(n, d) for r, n, d in drafts if r == rid]))  # positions, drafts
         full = lambda v: torch.full(n.shape, v)  # noqa: E731
         assert torch.equal(sample(ref[n - 1], full(p["temperature"]), full(p["top_p"]), full(rid), n + 1), got), rid
+
+
+@pytest.mark.parametrize("policy", ["store", "recompute"])
+def test_mtp_window_reads_only_its_own_rows(policy):
+    """After the first wave, every MTP window row in the pool is overwritten with large garbage: the second
+    wave, which hits the first's pages, drafts exactly as without it. A sequence's MTP block reads only rows
+    it wrote itself since admission, never a shared page's (whose last row pairs with another request's next
+    token) nor a freed page's."""
+    model = random_model(micro_args(), seed=40)
+    waves = spec_waves(41)
+    waves[1][0][32] = (waves[0][3][32] + 1) % 64  # hit at 32, then another token than the page's computer had
+    runs = []
+    for poison in (False, True):
+        e, drafts = spec_engine(model, policy), []
+        hook = lambda s: drafts.append((s.rid, s.pos, s.draft)) or s.draft  # noqa: E731
+        run_waves(e, waves[:1], 24, hook=hook, temperature=0.9)
+        if poison:
+            mtp = e.runner.kv[len(e.runner.ratios)]
+            mtp.copy_(1e3 * torch.randn(mtp.shape, generator=torch.Generator().manual_seed(42)))
+        runs.append((run_waves(e, waves[1:], 24, hook=hook, temperature=0.9), drafts))
+    assert runs[0][1] == runs[1][1] and len(runs[0][1]) > 60
+    assert [runs[1][0][r].hit_tokens for r in (4, 5)] == [32, 16]
 
 
 def committed_state(e: Engine, s) -> dict:
