@@ -1053,6 +1053,16 @@ def test_indexer_target_is_the_attention_over_visible_entries():
         assert torch.allclose(p[0, t], want, atol=1e-5), t
 
 
+def test_train_presets_take_a_config_file(tmp_path):
+    import train
+    cfg = dataclasses.asdict(small_args(n_layers=2, compress_ratios=[4, 128, 0]))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    args = train.preset(str(tmp_path / "config.json"), 300)
+    assert args.vocab_size == 300 and args.compress_ratios == [4, 128, 0] and args.n_layers == 2
+    with pytest.raises(SystemExit, match="unknown preset"):
+        train.preset("huge", 300)
+
+
 def test_muon_orthogonalises_and_balancing_moves_biases():
     import train
     G_ = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(0))

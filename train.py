@@ -130,8 +130,11 @@ def tokens(enc, docs: list[str]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ the models
 def preset(name: str, vocab: int) -> ModelArgs:
-    """tiny: a seconds-per-step CPU check. small: the shipped model (every V4 part, about 20 MB with FP4
-    experts): one window-only layer with hash routing, then CSA and HCA alternating, one MTP block."""
+    """tiny: a seconds-per-step CPU check. small: the shipped model (every V4 part, about 24 MB with FP4
+    experts): one window-only layer with hash routing, then CSA and HCA alternating, one MTP block. A path
+    to a config.json (official or Hugging Face keys) trains that architecture, at the tokenizer's vocabulary."""
+    if name.endswith(".json"):
+        return dataclasses.replace(ModelArgs.from_json(name), vocab_size=vocab)
     if name == "tiny":
         return tiny(vocab_size=vocab, dim=128, moe_inter_dim=128, n_layers=3, n_hash_layers=1, n_heads=2, head_dim=32,
                     rope_head_dim=16, q_lora_rank=32, o_lora_rank=32, window_size=16, index_n_heads=2,
@@ -141,7 +144,7 @@ def preset(name: str, vocab: int) -> ModelArgs:
         return tiny(vocab_size=vocab, dim=256, moe_inter_dim=384, n_layers=6, n_hash_layers=1, n_heads=4, head_dim=128,
                     rope_head_dim=32, q_lora_rank=128, o_lora_rank=128, index_n_heads=4, index_head_dim=64,
                     index_topk=64, compress_ratios=[0, 4, 128, 4, 128, 4, 0], max_seq_len=4096)
-    raise SystemExit(f"error: unknown preset {name!r} (tiny, small)")
+    raise SystemExit(f"error: unknown preset {name!r} (tiny, small, or a path to a config.json)")
 
 
 class GPT(nn.Module):
@@ -396,7 +399,7 @@ def export(model: Transformer, out: Path, tokenizer: dict, shard_mb: float = 15.
 # --------------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small", help="tiny or small")
+    ap.add_argument("--preset", default="small", help="tiny, small, or a config.json")
     ap.add_argument("--arch", choices=["v4", "gpt", "window"], default="v4",
                     help="v4; gpt: the dense baseline of the same active size; window: V4 with every layer window-only")
     ap.add_argument("--out", help="output directory: checkpoint, train_state.pt, log.json")
