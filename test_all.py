@@ -1055,7 +1055,7 @@ def test_indexer_target_is_the_attention_over_visible_entries():
 
 def test_train_presets_take_a_config_file(tmp_path):
     import train
-    cfg = dataclasses.asdict(small_args(n_layers=2, compress_ratios=[4, 128, 0]))
+    cfg = dataclasses.asdict(small_args(n_layers=2, n_hash_layers=1, compress_ratios=[4, 128, 0]))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     args = train.preset(str(tmp_path / "config.json"), 300)
     assert args.vocab_size == 300 and args.compress_ratios == [4, 128, 0] and args.n_layers == 2
