@@ -1183,14 +1183,19 @@ def test_engine_recompute_replays_from_the_middle():
     assert e.finished[1].hit_tokens == 80 and e.metrics.recomputed_tokens == 32
 
 
+def small_window_args(window: int) -> ModelArgs:
+    """Layers [0, 0, 0, 4] with a window of `window`: the replay bounds of a hit depend on both."""
+    return tiny(vocab_size=64, dim=128, moe_inter_dim=128, n_layers=4, n_hash_layers=1, n_heads=2, n_routed_experts=4,
+                q_lora_rank=128, o_lora_rank=64, window_size=window, index_n_heads=16, index_topk=4,
+                compress_ratios=[0, 0, 0, 4, 0])
+
+
 @pytest.mark.parametrize("policy,window", [("recompute", 1), ("recompute", 2), ("recompute", 4), ("store", 4)])
 def test_engine_hit_with_a_small_window(policy, window):
     """Window 4, layers [0, 0, 0, 4], 12-token pages, a hit at 60: the last (CSA) layer's compressor carry at
     the hit needs its input exact over the 4 positions before, which needs (L-1)(W-1) + 4 replayed tokens,
     more than L(W-1) when W <= 4. The replay start comes from what every layer's state needs."""
-    args = tiny(vocab_size=64, dim=128, moe_inter_dim=128, n_layers=4, n_hash_layers=1, n_heads=2, n_routed_experts=4,
-                q_lora_rank=128, o_lora_rank=64, window_size=window, index_n_heads=16, index_topk=4,
-                compress_ratios=[0, 0, 0, 4, 0])
+    args = small_window_args(window)
     model = random_model(args, seed=10)
     g = torch.Generator().manual_seed(18)
     base = torch.randint(0, 64, (70,), generator=g).tolist()
@@ -2352,9 +2357,7 @@ def test_rejected_drafts_leave_no_trace(policy, monkeypatch):
 def test_speculative_decoding_with_a_small_window(window):
     """Windows of 1, 2 and 4 (layers [0, 0, 0, 4], 12-token pages) under recompute with a hit: the window rows
     a step leaves for the next are the last W-1 committed positions, the verified one among them when W = 2."""
-    args = tiny(vocab_size=64, dim=128, moe_inter_dim=128, n_layers=4, n_hash_layers=1, n_heads=2, n_routed_experts=4,
-                q_lora_rank=128, o_lora_rank=64, window_size=window, index_n_heads=16, index_topk=4,
-                compress_ratios=[0, 0, 0, 4, 0])
+    args = small_window_args(window)
     model = random_model(args, seed=38)
     g = torch.Generator().manual_seed(39)
     base = torch.randint(0, 64, (40,), generator=g).tolist()

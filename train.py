@@ -489,10 +489,11 @@ def main(argv=None):
         if isinstance(model, Transformer):
             export(model, out, tokenizer)
 
-    t0, seen = time.time(), 0
+    t0, seen, qat = time.time(), 0, False
     while step < a.steps:
-        if isinstance(model, Transformer) and step >= (1 - a.qat) * a.steps:
-            quantize_experts_in_training(model)
+        if isinstance(model, Transformer) and step >= (1 - a.qat) * a.steps and not qat:
+            quantize_experts_in_training(model)  # from here on, and after a resume past this point
+            qat = True
         starts = rng.integers(0, len(train) - a.seq - 3, a.batch)
         batch = torch.from_numpy(np.stack([train[s:s + a.seq + 2] for s in starts]).astype(np.int64)).to(device)
         with ctx:
