@@ -9,12 +9,42 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
 from mxfp4 import (Linear, fp4_roundtrip, fp8_roundtrip, kv_row_bytes, pack_kv, pack_mxfp4_rows, unpack_kv,
                    unpack_mxfp4_rows)
+
+
+PLAN = None  # (rank, ranks): build that rank's share in one process without collectives (bench.py)
+
+
+def world() -> tuple[int, int]:
+    """(rank, ranks) of this process: under torchrun each rank builds its share of the model (tensor parallel
+    attention heads and dense FFN, expert parallel MoE); one process is rank 0 of 1."""
+    return PLAN or ((dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1))
+
+
+def parallel() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum the ranks' partial outputs (a row-parallel projection's, the local experts'); in place."""
+    if parallel():
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate the ranks' slices of the last dim (the vocab-parallel logits), so every rank holds all."""
+    if not parallel():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, -1)
 
 
 class RMSNorm(nn.Module):
@@ -400,14 +430,18 @@ class Attention(nn.Module):
     def __init__(self, layer_id: int, args, dtype):
         super().__init__()
         self.args, self.ratio = args, args.compress_ratios[layer_id]
-        H, D, g, fmt = args.n_heads, args.head_dim, args.o_groups, "fp8" if args.dtype == "fp8" else "bf16"
-        self.n_heads, self.head_dim, self.rope_dim, self.window = H, D, args.rope_head_dim, args.window_size
+        # tensor parallel: a rank holds H/ranks heads and their o_groups/ranks output groups; the one KV head,
+        # the compressors and the indexer (whose top-k every rank must agree on) are replicated (spec §9.3)
+        ranks = world()[1]
+        H, D, g, fmt = args.n_heads // ranks, args.head_dim, args.o_groups // ranks, "fp8" if args.dtype == "fp8" else "bf16"
+        self.n_heads, self.groups, self.head_dim, self.rope_dim, self.window = H, g, D, args.rope_head_dim, args.window_size
         self.wq_a = Linear(args.dim, args.q_lora_rank, fmt, dtype)
         self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
         self.wq_b = Linear(args.q_lora_rank, H * D, fmt, dtype)
         self.wkv = Linear(args.dim, D, fmt, dtype)  # K = V: one 512-wide head, no low-rank KV
         self.kv_norm = RMSNorm(D, args.norm_eps)
         self.wo_a = Linear(H * D // g, g * args.o_lora_rank, dtype=dtype)  # grouped: read as [g, o_lora, H*D/g]
+        # row parallel: each rank's partial output is summed over the ranks in out()
         self.wo_b = Linear(g * args.o_lora_rank, args.dim, fmt, dtype)
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.compressor = Compressor(args, self.ratio, D) if self.ratio else None
@@ -511,7 +545,7 @@ class Attention(nn.Module):
         # relative rotation only (spec §3.4).
         B, S = o.shape[:2]
         o = apply_rope(o, cos[:, :, None], -sin[:, :, None])
-        g = self.args.o_groups
+        g = self.groups
         wo_a = self.wo_a.weight.view(g, self.args.o_lora_rank, -1)  # [g, o_lora, H*D/g]
         o = torch.einsum("bsgd,grd->bsgr", o.reshape(B, S, g, -1), wo_a)  # [B,S,g,H*D/g] -> [B,S,g,o_lora]
-        return self.wo_b(o.flatten(2))
+        return all_reduce(self.wo_b(o.flatten(2)))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import tiktoken
 import torch
+import torch.distributed as dist
 
 from kvcache import Engine
 from model import load_model
@@ -137,6 +138,10 @@ def engine_for(model, policy="recompute", kv_gb=None, max_seqs=16, token_budget=
     Sampling runs on the device (runner.sample); speculate drafts with the MTP block (runner.py)."""
     if kv_gb is None:
         kv_gb = torch.cuda.mem_get_info()[0] / 2 / 2**30 if model.embed.weight.is_cuda else 1.0
+    if dist.is_initialized():  # every rank holds the same pages, so each one schedules the same steps
+        t = torch.tensor([kv_gb], device=model.embed.weight.device)
+        dist.all_reduce(t, dist.ReduceOp.MIN)
+        kv_gb = t.item()
     return Engine(model, int(kv_gb * 2**30), policy, max_seqs, token_budget, log=log, graphs=graphs,
                   speculate=speculate)
 
@@ -210,6 +215,24 @@ def free_memory(device) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+def init_parallel(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1) join the process group, NCCL with one GPU per process or gloo on the
+    CPU; ranks other than 0 print nothing. Returns this process's device."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks == 1 or dist.is_initialized():
+        return device
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"{ranks} processes, but this node has {torch.cuda.device_count()} GPU(s): run one per GPU")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    if dist.get_rank():
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return device
+
+
 class ArgParser(argparse.ArgumentParser):
     def error(self, message):  # one "error:" line, like every other bad input
         print(f"error: {message}", file=sys.stderr)
@@ -260,6 +283,7 @@ def main(argv=None) -> int:
         bad = check_flags(a)
         if bad:
             raise ValueError(bad)
+        a.device = init_parallel(a.device)
         return run(a)
     except (OSError, ValueError, FloatingPointError) as e:  # every bad input ends here as one sentence
         print(f"error: {e}", file=sys.stderr)
@@ -270,6 +294,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # what finished is already printed
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run(a) -> int:

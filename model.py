@@ -1,9 +1,13 @@
 """DeepSeek-V4: configuration, mHC hyper-connections, MoE with hash routing, blocks, MTP, the Transformer
 and checkpoint loading. Parameter names are the official checkpoint tensor names (spec §9.2)."""
 import dataclasses
+import itertools
 import json
 import math
 import re
+import sys
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from attention import Attention, LayerCache, RMSNorm, new_layer_cache
+from attention import Attention, LayerCache, RMSNorm, all_gather_last, all_reduce, new_layer_cache, world
 from mxfp4 import E8M0, FP4, FP8, Linear, finite, fp8_block_dequantize
 
 
@@ -342,10 +346,15 @@ class MoE(nn.Module):
         super().__init__()
         dense = "fp8" if args.dtype == "fp8" else "bf16"
         routed = args.expert_dtype or ("fp4" if args.dtype == "fp8" else "bf16")  # (fp4 experts in a bf16 model too)
-        self.gate = Gate(layer_id, args, dtype)
+        self.gate = Gate(layer_id, args, dtype)  # replicated: every rank routes every token
+        # expert parallel: rank r holds experts [e0, e1), the others are None (names stay the checkpoint's);
+        # the shared expert is tensor parallel (w1 / w3 by rows, w2 by columns). Both outputs are partial sums.
+        rank, ranks = world()
+        n = args.n_routed_experts // ranks
+        self.e0, self.e1 = rank * n, rank * n + n
         self.experts = nn.ModuleList(Expert(args.dim, args.moe_inter_dim, routed, dtype, args.swiglu_limit)
-                                     for _ in range(args.n_routed_experts))
-        self.shared_experts = Expert(args.dim, args.moe_inter_dim, dense, dtype)
+                                     if self.e0 <= e < self.e1 else None for e in range(args.n_routed_experts))
+        self.shared_experts = Expert(args.dim, args.moe_inter_dim // ranks, dense, dtype)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -356,20 +365,22 @@ class MoE(nn.Module):
         else:  # reference dispatch: gather each expert's tokens and run it
             y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
             for e in idx.unique().tolist():
-                tok, slot = torch.where(idx == e)
-                y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
-        return (y + self.shared_experts(x).float()).to(x.dtype).view(shape)
+                if self.experts[e] is not None:  # (another rank's expert)
+                    tok, slot = torch.where(idx == e)
+                    y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
+        return all_reduce(y + self.shared_experts(x).float()).to(x.dtype).view(shape)
 
     def uses_grouped(self, device) -> bool:
         """MXFP4 experts on CUDA run as grouped GEMMs; the reference loop waits on the GPU for its expert list."""
-        e0 = self.experts[0].w1
+        e0 = self.experts[self.e0].w1
         return e0.fmt == "fp4" and e0.in_features % 128 == 0 and e0.out_features % 128 == 0 and kernels.use_kernels(device)
 
     def pack(self):
         """Stack the routed MXFP4 experts once ([E, 2*inter, dim/2] for w1 ‖ w3, [E, dim, inter/2] for w2,
         scales alike) so one launch serves all of them; the experts' parameters become views of the stacks,
         so the names and the state dict are unchanged and nothing is stored twice."""
-        ex, inter = self.experts, self.experts[0].w1.out_features
+        ex = self.experts[self.e0:self.e1]
+        inter = ex[0].w1.out_features
         self.w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in ex])
         self.s13 = torch.stack([torch.cat([e.w1.scale, e.w3.scale]) for e in ex])
         self.w2s, self.s2 = torch.stack([e.w2.weight for e in ex]), torch.stack([e.w2.scale for e in ex])
@@ -381,13 +392,20 @@ class MoE(nn.Module):
     def grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The routed experts as two grouped MXFP4 GEMMs over token rows sorted by expert (kernels.py §4),
         with the rounding points of Expert.forward: bf16 GEMM outputs, fp32 SwiGLU, routing weight before w2."""
-        if getattr(self, "w13", None) is None or self.w13[0].data_ptr() != self.experts[0].w1.weight.data_ptr():
+        e0 = self.experts[self.e0]
+        if getattr(self, "w13", None) is None or self.w13[0].data_ptr() != e0.w1.weight.data_ptr():
             self.pack()  # first call, or the parameters moved (e.g. .cuda()) since the last pack
-        k, inter, lim = idx.shape[1], self.experts[0].w1.out_features, self.experts[0].limit
+        k, inter, lim, n = idx.shape[1], e0.w1.out_features, e0.limit, self.e1 - self.e0
         big = idx.numel() >= 64 * len(self.experts)  # prefill: >= 64 rows per expert on average
-        rows, tiles = kernels.moe_align(idx, len(self.experts), 128 if big else 16)
+        mine = None
+        if n < len(self.experts):  # expert parallel: other ranks' picks go to a bucket n whose tiles are skipped
+            idx, mine = idx - self.e0, (idx >= self.e0) & (idx < self.e1)
+            idx = torch.where(mine, idx, n)
+        rows, tiles = kernels.moe_align(idx, n + (mine is not None), 128 if big else 16)
         ok = rows >= 0
         r = rows.clamp(min=0).long()  # [M_pad] flat (token, slot) ids
+        if mine is not None:
+            tiles, ok = torch.where(tiles == n, -1, tiles), ok & mine.flatten()[r]
         xs = x[r // k] * ok[:, None].to(x.dtype)  # [M_pad, dim], padding rows zero
         if big:  # quantize each row once, not once per N tile
             xs = kernels.act_quant(xs, bf16_out=True)[0]
@@ -435,11 +453,13 @@ class Transformer(nn.Module):
 
     def __init__(self, args: ModelArgs, dtype=torch.bfloat16):
         super().__init__()
+        check_parallel(args, world()[1])
         self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.dim, dtype=dtype)
         self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.head = Linear(args.dim, args.vocab_size, dtype=dtype)  # untied, stored as shipped (bf16); fp32 logits
+        # untied, stored as shipped (bf16); fp32 logits. Vocab parallel: each rank holds vocab/ranks rows
+        self.head = Linear(args.dim, args.vocab_size // world()[1], dtype=dtype)
         self.hc_head_fn = nn.Parameter(torch.empty(args.hc_mult, args.hc_mult * args.dim, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.empty(args.hc_mult, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
@@ -473,8 +493,10 @@ class Transformer(nn.Module):
         h = owner.norm(hc_head(X, owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base, self.args))
         W = self.head.weight
         if h.is_cuda and h.dtype == W.dtype != torch.float32:
-            return torch.mm(h.flatten(0, -2), W.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
-        return F.linear(h.float(), W.float())  # [B,S,vocab] fp32
+            y = torch.mm(h.flatten(0, -2), W.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
+        else:
+            y = F.linear(h.float(), W.float())  # [B,S,vocab/ranks] fp32 (vocab parallel)
+        return all_gather_last(y)  # [B,S,vocab] on every rank, so all of them sample the same tokens
 
     def forward(self, ids: torch.Tensor, start_pos: int = 0, cache: list[LayerCache] | None = None,
                 return_hidden: bool = False, logits_at: torch.Tensor | None = None):
@@ -580,10 +602,118 @@ def _to_model_dtype(name: str, t: torch.Tensor, ref: torch.Tensor, where: str) -
     return t.to(ref.dtype)
 
 
+def check_parallel(args: ModelArgs, ranks: int):
+    """The shares must divide evenly, and an FP8 share must hold whole 128 x 128 scale blocks."""
+    for name, v, unit in (("o_groups", args.o_groups, 1), ("n_routed_experts", args.n_routed_experts, 1),
+                          ("vocab_size", args.vocab_size, 1),
+                          ("moe_inter_dim", args.moe_inter_dim, 128 if args.dtype == "fp8" else 1),
+                          ("o_groups * o_lora_rank", args.o_groups * args.o_lora_rank, 128 if args.dtype == "fp8" else 1)):
+        if v % (ranks * unit):
+            raise ValueError(f"{name} = {v} does not split over {ranks} ranks" + (f" in whole {unit}-wide blocks"
+                                                                                   if unit > 1 else ""))
+
+
+# How a rank takes its share of a checkpoint tensor (spec §9.3): rows (column parallel: heads, output groups,
+# vocab, the shared expert's hidden units) or columns (row parallel: the projections whose sums are reduced).
+# Routed experts go whole to the rank that holds them; everything else is replicated.
+ROWS = re.compile(r"(\.attn\.wq_b\.(weight|scale)|\.attn\.wo_a\.(weight|scale)|\.attn_sink|shared_experts\.w[13]\.(weight|scale)"
+                  r"|^head\.weight)$")
+COLS = re.compile(r"(\.attn\.wo_b\.(weight|scale)|shared_experts\.w2\.(weight|scale))$")
+EXPERT = re.compile(r"^((?:layers|mtp)\.\d+\.ffn\.experts\.)(\d+)(\..*)$")
+
+
+def checkpoint_tensors(model: Transformer) -> dict:
+    """name -> (shape, dtype) of every tensor of the whole checkpoint, from this rank's share of the model:
+    the split dims times the ranks, every rank's experts, FP8 wo_a with its scale (the model holds it dense)."""
+    ranks, out = world()[1], {}
+    for k, t in model.state_dict().items():
+        shape = list(t.shape)
+        if ROWS.search(k) or COLS.search(k):
+            shape[1 if COLS.search(k) else 0] *= ranks
+        m = EXPERT.match(k)
+        for e in range(model.args.n_routed_experts) if m else [None]:
+            out[k if m is None else f"{m[1]}{e}{m[3]}"] = (tuple(shape), t.dtype)
+        if k.endswith("attn.wo_a.weight") and model.args.dtype == "fp8":  # shipped FP8 with 128 x 128 scales
+            out[k] = (tuple(shape), FP8)
+            out[k[:-6] + "scale"] = (tuple(-(-n // 128) for n in shape), E8M0)
+    return out
+
+
+def _read(fh, name: str, shape: tuple, f) -> torch.Tensor:
+    """Check a tensor's stored shape, then read only this rank's part of it from the memory-mapped shard."""
+    sl = fh.get_slice(name)
+    stored, f4 = list(sl.get_shape()), sl.get_dtype() == "F4"  # an F4 header counts single values, not pairs
+    stored[-1] //= 1 + f4
+    if tuple(stored) != tuple(shape):
+        raise ValueError(f"{f}: tensor {name} has shape {tuple(stored)}, expected {tuple(shape)}")
+    rank, ranks = world()
+    if f4 or ranks == 1 or not (ROWS.search(name) or COLS.search(name)):  # (routed experts are never split)
+        return fh.get_tensor(name) if f4 else sl[:]
+    dim = 1 if COLS.search(name) else 0
+    n = shape[dim] // ranks
+    return sl[:, rank * n:rank * n + n] if dim else sl[rank * n:rank * n + n]
+
+
+def _shards(path: Path) -> dict:
+    """name -> shard file, from model.safetensors.index.json when present (checked against the shards' headers),
+    else from every *.safetensors header; only headers are read."""
+    from safetensors import safe_open
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a weight_map of name -> file)") from None
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        weight_map, files = None, sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint directory {path} has no *.safetensors files")
+    where = {}
+    for f in files:
+        if not f.is_file():  # missing, or a FIFO / directory that would block or fail inside the reader
+            raise ValueError(f"{f} " + ("is not a regular file" if f.exists() else f"is missing (named in {index.name})"))
+        try:
+            with safe_open(str(f), "pt", device="cpu") as fh:
+                keys = list(fh.keys())
+        except Exception as e:  # safetensors' own errors: a truncated file, a bad header, an unknown dtype
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+        for k in keys:
+            if k in where:
+                raise ValueError(f"{path}: tensor {k} is in both {where[k].name} and {f.name}")
+            where[k] = f
+    for k, f in (weight_map or {}).items():
+        if where.get(k) != path / f:
+            raise ValueError(f"{index}: names {k} in {f}, but " + (f"it is in {where[k].name}" if k in where else
+                                                                   "no shard holds it"))
+    return where
+
+
+class Progress:
+    """One updating stderr line: bytes loaded of the total, rate, time left (rank 0 only)."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done, self.t0, self.shown = what, total, 0, time.time(), 0.0
+        self.on = world()[0] == 0 and total > 1 << 28  # quiet for small checkpoints (the tests, the shipped model)
+
+    def add(self, n: int):
+        self.done += n
+        now = time.time()
+        if self.on and (now - self.shown > 0.5 or self.done >= self.total):
+            self.shown, rate = now, self.done / max(now - self.t0, 1e-9)
+            print(f"\rloading {self.what}: {self.done / 2**30:.1f} / {self.total / 2**30:.1f} GiB "
+                  f"({self.done / self.total:.0%}, {rate / 2**30:.2f} GiB/s, {(self.total - self.done) / rate:.0f} s left)",
+                  end="\n" if self.done >= self.total else "", file=sys.stderr, flush=True)
+
+
 def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -> Transformer:
     """Load a checkpoint directory: config.json (official inference keys or Hugging Face keys) and
-    *.safetensors with the official tensor names. Every tensor is checked (name, shape, dtype) before the
-    model is returned; a failed load raises and leaves nothing behind."""
+    *.safetensors shards (with or without model.safetensors.index.json) with the official tensor names.
+    Names, shapes and dtypes are checked against the headers before any data is read; then each shard is
+    memory-mapped and this rank's share of each tensor is read, checked for NaN / Inf and moved to `device`
+    one tensor at a time, in its stored format (FP8, FP4, e8m0 scales), so host memory holds about one shard.
+    A failed load raises and leaves nothing behind."""
     from safetensors import safe_open
     path = Path(path)
     if not path.is_dir():
@@ -594,46 +724,40 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -
     if dtype is None:
         torch_dtype = json.loads((path / "config.json").read_text()).get("torch_dtype", "bfloat16")
         dtype = {"float32": torch.float32, "float16": torch.float16}.get(torch_dtype, torch.bfloat16)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint directory {path} has no *.safetensors files")
     with torch.device("meta"):
         model = Transformer(args, dtype)
-    expected = model.state_dict()
-    sd, origin = {}, {}
-    for f in files:
-        if not f.is_file():  # a FIFO or a directory named *.safetensors would block or fail inside the reader
-            raise ValueError(f"{f} is not a regular file")
-        try:
-            with safe_open(str(f), "pt", device="cpu") as fh:
-                for k in fh.keys():
-                    if k in sd:
-                        raise ValueError(f"{path}: tensor {k} is in both {origin[k]} and {f.name}")
-                    sd[k], origin[k] = fh.get_tensor(k), f.name
-        except ValueError:
-            raise
-        except Exception as e:  # safetensors' own errors: a truncated file, a bad header, an unknown dtype
-            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
-    # wo_a ships as FP8; the model runs the grouped projection dense, as the official convert.py does
-    for k in [k for k in sd if k.endswith("attn.wo_a.scale") and k[:-5] + "weight" in sd]:
-        w = k[:-5] + "weight"
-        if sd[w].dtype == FP8:
-            sd[w] = fp8_block_dequantize(sd[w], sd.pop(k).view(E8M0))
-    unexpected, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
+    where, want, local = _shards(path), checkpoint_tensors(model), model.state_dict()
+    unexpected, missing = sorted(set(where) - set(want)), sorted(set(want) - set(where))
+    missing = [k for k in missing if not k.endswith("wo_a.scale")]  # a dense (bf16) wo_a is accepted too
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensor {unexpected[0]} in {origin[unexpected[0]]}"
+        raise ValueError(f"{path}: unexpected tensor {unexpected[0]} in {where[unexpected[0]].name}"
                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     if missing:
         raise ValueError(f"{path}: checkpoint is missing tensor {missing[0]}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for k, ref in expected.items():
-        where = f"{path / origin[k]}"
-        if tuple(sd[k].shape) != tuple(ref.shape):
-            raise ValueError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)}, expected {tuple(ref.shape)}")
-        sd[k] = _to_model_dtype(k, sd[k], ref, where)
-        if not finite(sd[k]):
-            raise ValueError(f"{where}: tensor {k} holds NaN or Inf values")
-        if k.endswith("tid2eid") and not (0 <= int(sd[k].min()) and int(sd[k].max()) < args.n_routed_experts):
-            raise ValueError(f"{where}: tensor {k} holds expert ids outside [0, {args.n_routed_experts})")
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device).eval()
+    wo_scale = {}  # FP8 wo_a: its scales first (small), so it is dequantized as it is read
+    with ExitStack() as files:
+        for k in (k for k in want if k.endswith("wo_a.scale") and k in where):
+            t = _read(files.enter_context(safe_open(str(where[k]), "pt", device="cpu")), k, want[k][0], where[k])
+            wo_scale[k] = _to_model_dtype(k, t, torch.empty(0, dtype=E8M0), str(where[k]))
+    mods = dict(model.named_modules())
+    need = sorted(local, key=lambda k: (where[k].name, k))  # shard by shard: one mapping open at a time
+    progress = Progress(path.name, sum(local[k].numel() * local[k].element_size() for k in need))
+    for f, names in itertools.groupby(need, key=lambda k: where[k]):
+        with safe_open(str(f), "pt", device="cpu") as fh:
+            for k in names:
+                t, s = _read(fh, k, want[k][0], f), k[:-6] + "scale"
+                if t.dtype == FP8 and s in wo_scale:  # the model runs the grouped wo_a dense, as convert.py does
+                    t = fp8_block_dequantize(t, wo_scale[s])
+                t = _to_model_dtype(k, t, local[k], str(f)).to(device)
+                if not finite(t):
+                    raise ValueError(f"{f}: tensor {k} holds NaN or Inf values")
+                if k.endswith("tid2eid") and not (0 <= int(t.min()) and int(t.max()) < args.n_routed_experts):
+                    raise ValueError(f"{f}: tensor {k} holds expert ids outside [0, {args.n_routed_experts})")
+                m, leaf = mods[k.rpartition(".")[0]], k.rpartition(".")[2]
+                if leaf in m._parameters:
+                    m._parameters[leaf] = nn.Parameter(t, requires_grad=m._parameters[leaf].requires_grad)
+                else:
+                    m._buffers[leaf] = t
+                progress.add(t.numel() * t.element_size())
+    return model.eval()
