@@ -2604,9 +2604,9 @@ def test_chat_prompt_v4_format():
 
 
 def test_cli_chat(tmp_path, oracle_ckpt):
-    """--chat on the shipped model, whose tokenizer has no chat tokens, is one error line and exit 2; on a
-    checkpoint whose tokenizer has them it encodes the chat prompt (the reported prompt length), alone or as
-    the turns of one conversation, with --think and --system."""
+    """--chat on the shipped model, whose tokenizer has no chat tokens, is one error line and exit 2 (--think
+    without --chat one line and exit 1); on a checkpoint whose tokenizer has them it encodes the chat prompt
+    (the reported prompt length), alone or as the turns of one conversation, with --think and --system."""
     _, _, ckpt = oracle_ckpt
     d = _bad_ckpt(ckpt, tmp_path, "chat", lambda d: _v4_tokenizer(d, vocab_size=400, real_ids=False))
     one, turns = tmp_path / "p.txt", tmp_path / "turns.jsonl"
@@ -2615,10 +2615,12 @@ def test_cli_chat(tmp_path, oracle_ckpt):
     n = len(G.load_tokenizer(d)[0].encode(G.chat_prompt(["你好, who are you?"], system="Be brief.")))
     base = ["--max-new-tokens", 3, "--temperature", 0, "--device", "cpu"]
     cases = [["--prompt-file", one, "--chat"], ["--ckpt", d, "--prompt-file", one, "--chat", "--system", "Be brief."],
-             ["--ckpt", d, "--prompt-file", turns, "--chat", "--think", "--multi-turn"]]
-    with ThreadPoolExecutor(3) as pool:
-        shipped, single, multi = pool.map(lambda c: _cli(*c, *base), cases)
-    errors = [ln for ln in shipped.stderr.splitlines() if ln.startswith("error:")]
-    assert shipped.returncode == 2 and len(errors) == 1 and "chat tokens" in errors[0], shipped.stderr
+             ["--ckpt", d, "--prompt-file", turns, "--chat", "--think", "--multi-turn"],
+             ["--prompt-file", one, "--think"]]
+    with ThreadPoolExecutor(4) as pool:
+        shipped, single, multi, think = pool.map(lambda c: _cli(*c, *base), cases)
+    for r, code, msg in [(shipped, 2, "lacks <｜begin▁of▁sentence｜>"), (think, 1, "add --chat")]:
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == code and len(errors) == 1 and msg in errors[0] and "Traceback" not in r.stderr, r.stderr
     assert single.returncode == 0 and f"prompt {n} tokens" in single.stderr, single.stderr[-800:]
     assert multi.returncode == 0 and "--- turn 2 ---" in multi.stdout, multi.stderr[-800:]
