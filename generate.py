@@ -151,12 +151,12 @@ def _encoding(tj: dict, path: Path) -> HFEncoding:
     # `merges`: so the tokens merges make get ranks in merge order, the k-th new one the k-th smallest of
     # their ids. BPE training numbers them that way (rank = id); otherwise rank_to_id translates. A merge
     # that re-derives an existing token keeps that token's first rank.
-    made = {}
+    made = {}  # ids of the tokens merges make, as an ordered set
     for k, m in enumerate(bpe.get("merges", [])):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         if None in (vocab.get(a), vocab.get(b), vocab.get(a + b)):
             raise ValueError(f"{path}: merge {k} ({a!r} + {b!r}) names a token missing from the vocab")
-        made.setdefault(vocab[a + b], len(made))
+        made.setdefault(vocab[a + b])  # in merge order
     rank_to_id = {r: i for r, i in zip(sorted(made), made) if r != i}
     to_rank = {i: r for r, i in rank_to_id.items()}
     ranks = {b: to_rank.get(i, i) for b, i in ids.items()}
