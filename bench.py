@@ -497,6 +497,113 @@ def e2e_long(cl, ctx, deadline):
           f"{r.get('hca', 0):.0f} = {r.get('csa', 0) + r.get('hca', 0):.0f} |")
 
 
+def e2e_rank(cl, ranks: int, ctxs: list):
+    """What one GPU of the V4-Flash plan on `ranks` GPUs runs, on one GPU: all 43 layers with that rank's share
+    (attention.PLAN: 1/ranks of the heads, output groups, shared expert and vocab; 256/ranks experts a layer;
+    the KV head, compressors and indexer whole). The collectives are left out (one process): 2 all-reduces a
+    layer and the logits' all-gather, bounded in the README. Random routing sends a token to 6/ranks of this
+    rank's experts a layer on average, as uniform routing over ranks would."""
+    import attention
+    attention.PLAN = (0, ranks)
+    args = flash(n_mtp_layers=0, max_seq_len=max(ctxs) + 256)
+    args.compress_ratios = args.compress_ratios[:43]
+    model = gpu_model(args)
+    weights = torch.cuda.memory_allocated()
+    g = torch.Generator().manual_seed(3)
+    prompt = lambda n: torch.randint(0, args.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    warm = Engine(model, 4 << 30, max_seqs=1, log=lambda m: None)
+    run_prefill(warm, prompt(8192))  # compiles and autotunes the kernels
+    del warm
+    rows = []
+    for ctx in ctxs:
+        torch.cuda.empty_cache()
+        e = Engine(model, 12 << 30, max_seqs=1, log=lambda m: None)
+        tps = float("nan")
+        if ctx <= 65536:
+            t, _ = run_prefill(e, prompt(ctx))
+            tps = ctx / t
+        else:
+            synthetic_context(e, ctx, args.vocab_size)
+        decode_times(e, 4)
+        wall, gpu = decode_times(e, 16)
+        # byte floor: every weight this rank reads once (its 6/ranks experts a layer on average), the cache rows
+        w = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if ".experts." not in n and not n.startswith("embed"))
+        expert = sum(p.numel() * p.element_size() for p in model.layers[0].ffn.experts[0].parameters())
+        n_csa, n_hca, row = args.compress_ratios.count(4), args.compress_ratios.count(128), kv_row_bytes(D, 64)
+        cache = n_csa * (ctx // 4 * 68 + TOPK * row) + n_hca * ctx // 128 * row + 43 * WIN * row
+        floor = (w + 43 * 6 / ranks * expert + cache) / cl["bw"] * 1e3
+        rows.append((ctx, tps, wall, gpu, floor, torch.cuda.max_memory_allocated()))
+        del e
+    print(f"\nOne rank of V4-Flash on {ranks} GPUs (43 layers, {args.n_routed_experts // ranks} experts a layer here), "
+          f"weights {weights / 2**30:.1f} GiB on this GPU")
+    print("| context | prefill tok/s | decode ms/step | GPU ms/step | byte floor ms | floor / decode | peak GiB |\n"
+          "|---|---|---|---|---|---|---|")
+    for ctx, tps, wall, gpu, floor, peak in rows:
+        print(f"| {ctx:,} | {tps:,.0f} | {wall:.2f} | {gpu:.2f} | {floor:.3f} | {floor / wall:.0%} | {peak / 2**30:.1f} |")
+
+
+def write_synthetic(args, path, shard_gb: float = 4.0):
+    """A checkpoint in the released layout and formats with random weights drawn on the GPU: FP8 e4m3 dense
+    projections (wo_a too) with 128 x 128 e8m0 scales, int8-packed e2m1 experts with per-32 scales, bf16 /
+    fp32 / int64 elsewhere, HF config.json, shards of about shard_gb with model.safetensors.index.json."""
+    import json
+    from safetensors.torch import save_file
+    from mxfp4 import fp8_block_quantize
+    model = gpu_model(args)
+    os.makedirs(path, exist_ok=True)
+    shard, size, files = {}, 0, {}
+
+    def flush():
+        nonlocal shard, size
+        f = f"model-{len(set(files.values())) + 1:05d}.safetensors"
+        save_file(shard, os.path.join(path, f))
+        files.update({k: f for k in shard})
+        shard, size = {}, 0
+    for k, t in model.state_dict().items():
+        if k.endswith("wo_a.weight"):
+            q, sc = fp8_block_quantize(t.float())
+            parts = {k: q, k[:-6] + "scale": sc}
+        else:
+            parts = {k: t.long() if k.endswith("tid2eid") else t.view(torch.int8) if t.dtype == torch.float4_e2m1fn_x2 else t}
+        for n, v in parts.items():
+            shard[n] = v.contiguous().cpu()
+            size += v.numel() * v.element_size()
+        if size > shard_gb * 2**30:
+            flush()
+    flush()
+    json.dump({"metadata": {}, "weight_map": files}, open(os.path.join(path, "model.safetensors.index.json"), "w"))
+    cfg = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "deepseek-v4-flash.config.json")))
+    cfg.update(num_hidden_layers=args.n_layers, compress_ratios=args.compress_ratios,  # the shipped file, fewer layers
+               n_routed_experts=args.n_routed_experts, num_hash_layers=args.n_hash_layers)
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    del model
+    torch.cuda.empty_cache()
+
+
+def load_bench(path, ranks: int):
+    """Stream a checkpoint onto this GPU as rank 0 of `ranks` (attention.PLAN): seconds, GiB/s read, the
+    process's peak host memory against the checkpoint's size, the GPU memory the weights take."""
+    import resource
+    import attention
+    from model import load_model
+    attention.PLAN = (0, ranks) if ranks > 1 else None
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model = load_model(path, device="cuda")
+    torch.cuda.synchronize()
+    t = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu = torch.cuda.memory_allocated()
+    ids = torch.randint(0, model.args.vocab_size, (1, 256), device="cuda")
+    ok = bool(torch.isfinite(model(ids)).all())
+    print(f"| {os.path.basename(path.rstrip('/'))} | rank 0 of {ranks} | checkpoint {size / 2**30:.1f} GiB | "
+          f"{t:.1f} s | {gpu / 2**30:.1f} GiB on the GPU ({gpu / t / 2**30:.2f} GiB/s) | peak host memory "
+          f"{rss / 2**30:.2f} GiB (before loading {rss0 / 2**30:.2f}) | forward finite: {ok} |", flush=True)
+
+
 # ------------------------------------------------------------------------------------ cache workloads
 def trace(kind: str, g, vocab: int) -> list:
     """A synthetic workload as waves of concurrent requests (session, new ids, new tokens). A session's
@@ -563,13 +670,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="contexts 4K and 1M only")
     ap.add_argument("--only", default="indexer,csa,hca,gemm,mhc,compressor", help="comma-separated sections")
-    ap.add_argument("--e2e", default=None, help="end to end: 'small' (4 layers against transformers eager) "
-                    "and/or 'long' (the 43-layer stack at --ctx), comma-separated")
+    ap.add_argument("--e2e", default=None, help="end to end: 'small' (4 layers against transformers eager), "
+                    "'long' (the 43-layer stack at --ctx), 'rank' (rank 0 of --ranks at 4K and --ctx), comma-separated")
     ap.add_argument("--ctx", type=int, default=1 << 20, help="context of the long end-to-end run")
     ap.add_argument("--deadline", type=float, default=600, help="seconds the long prefill may run")
     ap.add_argument("--dry", action="store_true", help="CPU interpreter smoke run of this script, tiny sizes")
     ap.add_argument("--cache", action="store_true", help="cache workloads: hit rates, TTFT hit vs cold, capacity")
     ap.add_argument("--prefix", type=int, default=32768, help="prefix length of the TTFT measurement")
+    ap.add_argument("--ranks", type=int, default=4, help="GPUs of the plan whose rank 0 --e2e rank / --load runs")
+    ap.add_argument("--write", help="write a synthetic V4-Flash-width checkpoint in the released format to this dir")
+    ap.add_argument("--layers", type=int, default=4, help="layers of the --write checkpoint (full width, 256 experts)")
+    ap.add_argument("--load", help="stream this checkpoint onto the GPU as rank 0 of --ranks: time, host memory")
     a = ap.parse_args()
     if a.cache:
         return bench_cache(a)
@@ -579,8 +690,17 @@ def main():
         print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
               f"{datetime.date.today()} | copy {cl['bw'] / 1e12:.2f} TB/s, bf16 {cl['bf16'] / 1e12:.0f} TF/s", flush=True)
         for part in a.e2e.split(","):
-            e2e_small(cl) if part == "small" else e2e_long(cl, a.ctx, a.deadline)
+            if part == "rank":
+                e2e_rank(cl, a.ranks, [4096, a.ctx])
+            else:
+                e2e_small(cl) if part == "small" else e2e_long(cl, a.ctx, a.deadline)
         return
+    if a.write:
+        r = flash().compress_ratios
+        return write_synthetic(flash(n_layers=a.layers, n_hash_layers=min(3, a.layers), compress_ratios=r[:a.layers] + r[-1:]),
+                               a.write)
+    if a.load:
+        return load_bench(a.load, a.ranks)
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     ctxs = [4096] if DRY else [4096, 1 << 20] if a.quick else [4096, 65536, 262144, 1 << 20]
