@@ -354,7 +354,10 @@ class MoE(nn.Module):
         self.e0, self.e1 = rank * n, rank * n + n
         self.experts = nn.ModuleList(Expert(args.dim, args.moe_inter_dim, routed, dtype, args.swiglu_limit)
                                      if self.e0 <= e < self.e1 else None for e in range(args.n_routed_experts))
-        self.shared_experts = Expert(args.dim, args.moe_inter_dim // ranks, dense, dtype)
+        # (where its hidden units do not split into whole 128-wide FP8 blocks, e.g. V4-Pro on 16 ranks, every
+        # rank holds all of it and adds it after the reduction)
+        self.shared_split = shared_splits(args, ranks)
+        self.shared_experts = Expert(args.dim, args.moe_inter_dim // self.shared_split, dense, dtype)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -368,7 +371,9 @@ class MoE(nn.Module):
                 if self.experts[e] is not None:  # (another rank's expert)
                     tok, slot = torch.where(idx == e)
                     y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
-        return all_reduce(y + self.shared_experts(x).float()).to(x.dtype).view(shape)
+        if self.shared_split > 1 or len(self.experts) == self.e1 - self.e0:  # a partial sum, or one process
+            return all_reduce(y + self.shared_experts(x).float()).to(x.dtype).view(shape)
+        return (all_reduce(y) + self.shared_experts(x).float()).to(x.dtype).view(shape)
 
     def uses_grouped(self, device) -> bool:
         """MXFP4 experts on CUDA run as grouped GEMMs; the reference loop waits on the GPU for its expert list."""
@@ -602,11 +607,15 @@ def _to_model_dtype(name: str, t: torch.Tensor, ref: torch.Tensor, where: str) -
     return t.to(ref.dtype)
 
 
+def shared_splits(args: ModelArgs, ranks: int) -> int:
+    """Ranks the shared expert is split over: all of them when its hidden units split into whole blocks, else 1."""
+    return ranks if args.moe_inter_dim % (ranks * (128 if args.dtype == "fp8" else 1)) == 0 else 1
+
+
 def check_parallel(args: ModelArgs, ranks: int):
     """The shares must divide evenly, and an FP8 share must hold whole 128 x 128 scale blocks."""
     for name, v, unit in (("o_groups", args.o_groups, 1), ("n_routed_experts", args.n_routed_experts, 1),
                           ("vocab_size", args.vocab_size, 1),
-                          ("moe_inter_dim", args.moe_inter_dim, 128 if args.dtype == "fp8" else 1),
                           ("o_groups * o_lora_rank", args.o_groups * args.o_lora_rank, 128 if args.dtype == "fp8" else 1)):
         if v % (ranks * unit):
             raise ValueError(f"{name} = {v} does not split over {ranks} ranks" + (f" in whole {unit}-wide blocks"
@@ -628,8 +637,9 @@ def checkpoint_tensors(model: Transformer) -> dict:
     ranks, out = world()[1], {}
     for k, t in model.state_dict().items():
         shape = list(t.shape)
-        if ROWS.search(k) or COLS.search(k):
-            shape[1 if COLS.search(k) else 0] *= ranks
+        dim = split_dim(k, model.args, ranks)
+        if dim is not None:
+            shape[dim] *= ranks
         m = EXPERT.match(k)
         for e in range(model.args.n_routed_experts) if m else [None]:
             out[k if m is None else f"{m[1]}{e}{m[3]}"] = (tuple(shape), t.dtype)
@@ -639,7 +649,14 @@ def checkpoint_tensors(model: Transformer) -> dict:
     return out
 
 
-def _read(fh, name: str, shape: tuple, f) -> torch.Tensor:
+def split_dim(name: str, args: ModelArgs, ranks: int) -> int | None:
+    """The dim of a checkpoint tensor a rank takes 1/ranks of (0 rows, 1 columns); None: it holds all of it."""
+    if ranks == 1 or ".shared_experts." in name and shared_splits(args, ranks) == 1:
+        return None
+    return 0 if ROWS.search(name) else 1 if COLS.search(name) else None
+
+
+def _read(fh, name: str, shape: tuple, f, args: ModelArgs) -> torch.Tensor:
     """Check a tensor's stored shape, then read only this rank's part of it from the memory-mapped shard."""
     sl = fh.get_slice(name)
     stored, f4 = list(sl.get_shape()), sl.get_dtype() == "F4"  # an F4 header counts single values, not pairs
@@ -647,9 +664,9 @@ def _read(fh, name: str, shape: tuple, f) -> torch.Tensor:
     if tuple(stored) != tuple(shape):
         raise ValueError(f"{f}: tensor {name} has shape {tuple(stored)}, expected {tuple(shape)}")
     rank, ranks = world()
-    if f4 or ranks == 1 or not (ROWS.search(name) or COLS.search(name)):  # (routed experts are never split)
+    dim = split_dim(name, args, ranks)
+    if f4 or dim is None:  # (routed experts are never split)
         return fh.get_tensor(name) if f4 else sl[:]
-    dim = 1 if COLS.search(name) else 0
     n = shape[dim] // ranks
     return sl[:, rank * n:rank * n + n] if dim else sl[rank * n:rank * n + n]
 
@@ -738,7 +755,7 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -
     wo_scale = {}  # FP8 wo_a: its scales first (small), so it is dequantized as it is read
     with ExitStack() as files:
         for k in (k for k in want if k.endswith("wo_a.scale") and k in where):
-            t = _read(files.enter_context(safe_open(str(where[k]), "pt", device="cpu")), k, want[k][0], where[k])
+            t = _read(files.enter_context(safe_open(str(where[k]), "pt", device="cpu")), k, want[k][0], where[k], args)
             wo_scale[k] = _to_model_dtype(k, t, torch.empty(0, dtype=E8M0), str(where[k]))
     mods = dict(model.named_modules())
     need = sorted(local, key=lambda k: (where[k].name, k))  # shard by shard: one mapping open at a time
@@ -746,7 +763,7 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -
     for f, names in itertools.groupby(need, key=lambda k: where[k]):
         with safe_open(str(f), "pt", device="cpu") as fh:
             for k in names:
-                t, s = _read(fh, k, want[k][0], f), k[:-6] + "scale"
+                t, s = _read(fh, k, want[k][0], f, args), k[:-6] + "scale"
                 if t.dtype == FP8 and s in wo_scale:  # the model runs the grouped wo_a dense, as convert.py does
                     t = fp8_block_dequantize(t, wo_scale[s])
                 t = _to_model_dtype(k, t, local[k], str(f)).to(device)

@@ -778,26 +778,35 @@ def test_tensor_and_expert_parallel_match_one_process(shipped_ckpt, tmp_path):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             return sock.getsockname()[1]
-    mp.spawn(_tp_worker, args=([str(dense), str(fp8_path)], free_port(), str(tmp_path / "rank0.pt")), nprocs=2)
-    tp, one = torch.load(tmp_path / "rank0.pt"), [_tp_run(dense), _tp_run(fp8_path)]
+    # an FP8 model whose shared expert (128 hidden units) is not split in whole blocks: every rank holds it
+    narrow = tmp_path / "narrow"
+    narrow_args = small_args(dtype="fp8", expert_dtype="fp4", moe_inter_dim=128)
+    write_shards(quantized_state(random_model(small_args(moe_inter_dim=128), seed=8), narrow_args), narrow,
+                 hf_config(narrow_args, quantization_config=FP8_CFG))
+    ckpts = [dense, fp8_path, narrow]
+    mp.spawn(_tp_worker, args=([str(c) for c in ckpts], free_port(), str(tmp_path / "rank0.pt")), nprocs=2)
+    tp, one = torch.load(tmp_path / "rank0.pt"), [_tp_run(c) for c in ckpts]
     # rank 0 holds the first half of every split tensor (bit for bit as one process holds it) and experts 0-3
     import model as M
-    for k, v in tp[1]["state"].items():
-        ref = one[1]["state"][k]
-        ref = ref[:, :v.shape[1]] if M.COLS.search(k) else ref[:v.shape[0]] if M.ROWS.search(k) else ref
-        assert v.shape == ref.shape and torch.equal(v.view(torch.uint8) if v.element_size() == 1 else v,
-                                                    ref.view(torch.uint8) if ref.element_size() == 1 else ref), k
-    assert {k for k in tp[1]["state"] if ".experts." in k and "shared" not in k} == \
-        {k for k in one[1]["state"] if re.search(r"\.experts\.[0-3]\.", k)}
-    assert tp[1]["state"]["layers.0.attn.attn_sink"].shape[0] == args.n_heads // 2
+    for a, b, cargs in zip(tp[1:], one[1:], (args, narrow_args)):
+        for k, v in a["state"].items():
+            ref, dim = b["state"][k], M.split_dim(k, cargs, 2)
+            ref = ref[:, :v.shape[1]] if dim == 1 else ref[:v.shape[0]] if dim == 0 else ref
+            assert v.shape == ref.shape and torch.equal(v.view(torch.uint8) if v.element_size() == 1 else v,
+                                                        ref.view(torch.uint8) if ref.element_size() == 1 else ref), k
+        assert {k for k in a["state"] if ".experts." in k and "shared" not in k} == \
+            {k for k in b["state"] if re.search(r"\.experts\.[0-3]\.", k)}
+        assert a["state"]["layers.0.attn.attn_sink"].shape[0] == args.n_heads // 2
+    assert tp[1]["state"]["layers.0.ffn.shared_experts.w2.weight"].shape[1] == 128  # split: 256 / 2
+    assert tp[2]["state"]["layers.0.ffn.shared_experts.w2.weight"].shape[1] == 128  # whole
     # fp32: the two ranks' partial sums add in another order than one GEMM does (measured max 7e-6)
     torch.testing.assert_close(tp[0]["logits"], one[0]["logits"], rtol=0, atol=5e-5)
     assert tp[0]["greedy"] == one[0]["greedy"] and tp[0]["sampled"] == one[0]["sampled"]
     # The FP8 model re-rounds activations to e4m3 before every GEMM: that order difference can move a value
     # across a rounding boundary (one e4m3 step is 6-12%) and grow from there, so its logits agree only
     # to FP8 noise, and an exact token comparison would test luck rather than the split.
-    a, b = tp[1]["logits"], one[1]["logits"]
-    assert float((a - b).norm() / b.norm()) < 0.05
+    for a, b in zip(tp[1:], one[1:]):
+        assert float((a["logits"] - b["logits"]).norm() / b["logits"].norm()) < 0.05
     _hf_tokenizer(dense)  # a 400-token BPE: ids within the model's vocab
     (tmp_path / "p.txt").write_text("def add(a, b):\n    return")
     flags = ["generate.py", "--ckpt", str(dense), "--prompt-file", str(tmp_path / "p.txt"), "--device", "cpu",
