@@ -364,17 +364,20 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.flatten(0, 1)  # [B,S,dim] -> [N,dim]
         w, idx = self.gate(x, ids.flatten())
-        if self.uses_grouped(x.device):
-            y = self.grouped(x, w, idx)
-        else:  # reference dispatch: gather each expert's tokens and run it
-            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-            for e in idx.unique().tolist():
-                if self.experts[e] is not None:  # (another rank's expert)
-                    tok, slot = torch.where(idx == e)
-                    y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
+        y = self.grouped(x, w, idx) if self.uses_grouped(x.device) else self.loop(x, w, idx)
         if self.shared_split > 1 or len(self.experts) == self.e1 - self.e0:  # a partial sum, or one process
             return all_reduce(y + self.shared_experts(x).float()).to(x.dtype).view(shape)
         return (all_reduce(y) + self.shared_experts(x).float()).to(x.dtype).view(shape)
+
+    @torch.compiler.disable  # (its shapes depend on the routing: torch.compile leaves it eager)
+    def loop(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Reference dispatch: gather each expert's tokens and run it."""
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in idx.unique().tolist():
+            if self.experts[e] is not None:  # (another rank's expert)
+                tok, slot = torch.where(idx == e)
+                y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
+        return y
 
     def uses_grouped(self, device) -> bool:
         """MXFP4 experts on CUDA run as grouped GEMMs; the reference loop waits on the GPU for its expert list."""
