@@ -2349,26 +2349,21 @@ def test_graph_decode_matches_eager_decode():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_decode_matches_eager():
-    """Transformer.compile_decode: in fp32 (the torch paths, no FP8 round trips) the compiled one-token step
-    gives the eager step's logits to 1e-4. In bf16 with FP8 weights (Triton kernels left eager between fused
-    glue) it stays within bf16 / FP8 noise of the eager step, and its CUDA-graph replay gives exactly its
-    eager tokens and logits."""
+    """Transformer.compile_decode on a bf16 model with FP8 / FP4 weights (the Triton kernels left eager between
+    fused glue): the compiled one-token step stays within bf16 / FP8 noise of the eager step and picks the same
+    greedy tokens, and its CUDA-graph replay gives exactly its eager tokens and logits."""
     g = torch.Generator(device="cuda").manual_seed(5)
-    for dtype, fp8 in ((torch.float32, False), (torch.bfloat16, True)):
-        args = small_args(n_heads=16, **(dict(dtype="fp8", expert_dtype="fp4") if fp8 else {}))
-        model = init_random_(Transformer(args, dtype), 12).cuda().eval()
-        ids = torch.randint(0, 512, (2, 140), device="cuda", generator=g)
-        caches = [model.new_cache(2, 256) for _ in range(2)]
-        for c in caches:
-            model(ids[:, :130], 0, c)
-        eager = [model(ids[:, 130 + i:131 + i], 130 + i, caches[0]) for i in range(8)]
-        model.compile_decode()
-        comp = [model(ids[:, 130 + i:131 + i], 130 + i, caches[1]) for i in range(8)]
-        for a, b in zip(eager, comp):
-            if fp8:  # fused bf16 ops round differently, and e4m3 re-rounding can amplify that
-                assert float((a - b).norm() / a.norm()) < 0.05
-            else:
-                assert (a - b).abs().max() < 1e-4
+    args = small_args(n_heads=16, dtype="fp8", expert_dtype="fp4")
+    model = init_random_(Transformer(args, torch.bfloat16), 12).cuda().eval()
+    ids = torch.randint(0, 512, (2, 140), device="cuda", generator=g)
+    caches = [model.new_cache(2, 256) for _ in range(2)]
+    for c in caches:
+        model(ids[:, :130], 0, c)
+    eager = [model(ids[:, 130 + i:131 + i], 130 + i, caches[0]) for i in range(8)]
+    model.compile_decode()
+    comp = [model(ids[:, 130 + i:131 + i], 130 + i, caches[1]) for i in range(8)]
+    for a, b in zip(eager, comp):  # fused bf16 ops round differently, and e4m3 re-rounding can amplify that
+        assert float((a - b).norm() / a.norm()) < 0.05
     prompts = [ids[0, :n].tolist() for n in (5, 130, 64)]
     runs = []
     for graphs in (True, False):
