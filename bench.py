@@ -515,9 +515,7 @@ def e2e_rank(cl, ranks: int, ctxs: list):
     run_prefill(warm, prompt(8192))  # compiles and autotunes the kernels
     del warm
     rows = []
-    for ctx, comp in [(c, False) for c in ctxs] + [(c, True) for c in ctxs]:
-        if comp and model.layers[0].step is None:
-            model.compile_decode()  # the same step with its torch glue fused (generate.py --compile)
+    for ctx in ctxs:
         torch.cuda.empty_cache()
         e = Engine(model, 12 << 30, max_seqs=1, log=lambda m: None)
         tps = float("nan")
@@ -535,15 +533,14 @@ def e2e_rank(cl, ranks: int, ctxs: list):
         n_csa, n_hca, row = args.compress_ratios.count(4), args.compress_ratios.count(128), kv_row_bytes(D, 64)
         cache = n_csa * (ctx // 4 * 68 + TOPK * row) + n_hca * ctx // 128 * row + 43 * WIN * row
         floor = (w + 43 * 6 / ranks * expert + cache) / cl["bw"] * 1e3
-        rows.append((ctx, comp, tps, wall, gpu, floor, torch.cuda.max_memory_allocated()))
+        rows.append((ctx, tps, wall, gpu, floor, torch.cuda.max_memory_allocated()))
         del e
     print(f"\nOne rank of V4-Flash on {ranks} GPUs (43 layers, {args.n_routed_experts // ranks} experts a layer here), "
           f"weights {weights / 2**30:.1f} GiB on this GPU")
-    print("| context | decode step | prefill tok/s | decode ms/step | GPU ms/step | byte floor ms | floor / decode | peak GiB |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for ctx, comp, tps, wall, gpu, floor, peak in rows:
-        print(f"| {ctx:,} | {'compiled' if comp else 'eager glue'} | {tps:,.0f} | {wall:.2f} | {gpu:.2f} | {floor:.3f} | "
-              f"{floor / wall:.0%} | {peak / 2**30:.1f} |")
+    print("| context | prefill tok/s | decode ms/step | GPU ms/step | byte floor ms | floor / decode | peak GiB |\n"
+          "|---|---|---|---|---|---|---|")
+    for ctx, tps, wall, gpu, floor, peak in rows:
+        print(f"| {ctx:,} | {tps:,.0f} | {wall:.2f} | {gpu:.2f} | {floor:.3f} | {floor / wall:.0%} | {peak / 2**30:.1f} |")
 
 
 def write_synthetic(args, path, shard_gb: float = 4.0):

@@ -330,8 +330,7 @@ def check_flags(a) -> str | None:
               (a.max_seqs >= 1, f"--max-seqs must be at least 1, got {a.max_seqs}"),
               (a.token_budget >= 1, f"--token-budget must be at least 1, got {a.token_budget}"),
               (a.kv_gb is None or finite(a.kv_gb) and a.kv_gb > 0, f"--kv-gb must be a positive number, got {a.kv_gb}"),
-              (a.device == "cpu" or torch.cuda.is_available(), "--device cuda was asked for but torch sees no CUDA device"),
-              (not a.compile or a.device == "cuda", "--compile is for --device cuda")]
+              (a.device == "cpu" or torch.cuda.is_available(), "--device cuda was asked for but torch sees no CUDA device")]
     return next((msg for ok, msg in checks if not ok), None)
 
 
@@ -357,8 +356,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seqs", type=int, default=16, help="sequences decoding at once")
     ap.add_argument("--token-budget", type=int, default=4096, help="prefill positions per step (padded chunks)")
     ap.add_argument("--no-graphs", action="store_true", help="decode eagerly instead of replaying CUDA graphs")
-    ap.add_argument("--compile", action="store_true", help="fuse the decode step's torch ops with torch.compile "
-                    "(CUDA; a slower start, faster steps, bf16 rounding of its own)")
     ap.add_argument("--speculate", action="store_true",
                     help="draft a token a step with the MTP block and verify it (the output does not change)")
     a = ap.parse_args(argv)
@@ -400,8 +397,6 @@ def run(a) -> int:
     # the shipped model runs in fp32 on the CPU, where bf16 matmuls are slower
     dtype = torch.float32 if not a.ckpt and a.device == "cpu" else None
     model = load_model(ckpt, device=a.device, dtype=dtype, max_seq_len=a.max_seq_len)
-    if a.compile:
-        model.compile_decode()
     if a.speculate and not model.args.n_mtp_layers:  # the flag asks for what the checkpoint lacks
         print(f"error: --speculate drafts with the MTP block, and {ckpt} has none (n_mtp_layers 0)", file=sys.stderr)
         return 2

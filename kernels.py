@@ -42,12 +42,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 
-# The kernels' launch wrappers stay outside torch.compile (model.compile_decode): inductor recompiles a
-# user kernel it traces into, and gets some of these wrong (it fails on the attention kernel's fp32
-# accumulator); left eager, the glue between them is what it fuses.
-eager = torch.compiler.disable
-
-
 def use_kernels(device) -> bool:
     """True when the Triton kernels should run: Triton present, a CUDA device, and V4_NO_KERNELS unset."""
     return (HAVE_TRITON and torch.device(device).type == "cuda" and torch.cuda.is_available()
@@ -441,7 +435,6 @@ def topk_row_ref(logits, n_keys, k):
 TOPK_ROW_MAX = 8192
 
 
-@eager
 def indexer_topk(q, w, keys, block_table, n_keys, k):
     """Top-k LOGICAL entry ids [T, k] int32 of score(j) = sum_h w[h] relu(q[h].key_j), j < n_keys[t],
     -1 padded when n_keys[t] < k; order arbitrary."""
@@ -693,7 +686,6 @@ def _attn(q, kv_pool, idx, n_idx, sink, scale, win, win_idx, num_splits):
     return o
 
 
-@eager
 def sparse_attn_paged(q, kv_pool, idx, sink, scale, win=None, win_idx=None, num_splits=None):
     """q [T,H,D] attends over rows kv_pool[idx[t]] (K = V, -1 = empty) with the per-head sink -> [T,H,D].
     idx holds physical row ids (window rows and selected compressed rows, concatenated by the caller);
@@ -702,7 +694,6 @@ def sparse_attn_paged(q, kv_pool, idx, sink, scale, win=None, win_idx=None, num_
     return _attn(q, kv_pool, idx, None, sink, scale, win, win_idx, num_splits)
 
 
-@eager
 def hca_attn(q, kv_pool, rows, n_rows, sink, scale, win=None, win_idx=None, num_splits=None):
     """q [B,H,D] attends over its first n_rows[b] entries of `rows` (window rows then every compressed
     row; entries past n_rows are ignored, so the list can be sized once for capacity)."""
@@ -868,7 +859,6 @@ def _moe_meta(block_m, n):
 MOE_MODES = {"scaled_fp8": 1, "scaled_bf16": 2}
 
 
-@eager
 def moe_grouped_gemm(x, w, w_scale, tile_expert, out_dtype=torch.bfloat16, mode=None, prequant=False,
                      meta=None):
     """y[r] = fp8_roundtrip(x[r]) @ dequant(w[e], w_scale[e])^T for every row r of a tile of expert e:
@@ -935,7 +925,6 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm
     tl.store(s_ptr + offs_m * stride_sm + tl.program_id(1), scale, mask=ok)
 
 
-@eager
 def act_quant(x, bf16_out=False):
     """x [M, K] -> (e4m3 [M, K], fp32 power-of-two scales [M, K/128]); q * scale = fp8_roundtrip(x).
     bf16_out: (fp8_roundtrip(x) as bf16 [M, K], the scales), the input of moe_grouped_gemm(prequant=True)."""
@@ -1000,7 +989,6 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, y_ptr, M, N, K,
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-@eager
 def fp8_gemm(x, w, w_scale, out_dtype=torch.bfloat16, meta=None):
     """mxfp4.Linear with an fp8 weight: x [M, K] -> fp8_roundtrip(x) @ dequant(w [N, K] e4m3,
     w_scale [ceil(N/128), K/128] e8m0)^T, fp32 accumulation -> [M, N] out_dtype. K % 128 == 0."""
@@ -1103,7 +1091,6 @@ def _compress_pool_kernel(a_ptr, z_ptr, kvs_ptr, ss_ptr, r_ptr, w_ptr, cos_ptr, 
     tl.store(e_row + offs_c, _cast(out, dt, RTNE), mask=c_ok)
 
 
-@eager
 def compress_pool(a, z, kv_state, score_state, r, ratio, norm_w, eps, cos, sin, out_dtype):
     """a, z [B,S,(1+o)c] fp32 + carry [B,(1+o)m,(1+o)c] + r [B] -> entries [B,nb,c] (0 where incomplete)."""
     B, S, Wd = a.shape
@@ -1215,7 +1202,6 @@ def _hc_pre_kernel(ws_ptr, x_ptr, scale_ptr, base_ptr, u_ptr, post_ptr, comb_ptr
     tl.store(ut + offs_d, tl.sum(pre[:, None] * x, 0).to(u_ptr.dtype.element_ty), mask=offs_d < D)
 
 
-@eager
 def hc_pre(X, fn, scale, base, norm_eps, hc_eps, iters, splits=None):
     """X [N, n, d] -> (u [N, d] in X.dtype, post [N, n] fp32, comb [N, n, n] fp32), as model.Block.hc_pre."""
     _check(X.dim() == 3 and X.is_contiguous() and X.dtype in (torch.float32, torch.bfloat16),
@@ -1273,7 +1259,6 @@ def _hc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, y_ptr, D, stride_ft, strid
     tl.store(y_ptr + t * stride_yt + i[:, None] * D + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@eager
 def hc_post(f, X, post, comb):
     """f [N, d], X [N, n, d], post [N, n], comb [N, n, n] -> y [N, n, d] in f.dtype, as model.Block.hc_post."""
     _check(X.dim() == 3 and X.is_contiguous() and f.shape == (X.shape[0], X.shape[2]) and f.stride(-1) == 1,

@@ -262,7 +262,6 @@ class Block(nn.Module):
         self.attn_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(layer_id, args, dtype)
         self.ffn = MoE(layer_id, args, dtype)
-        self.step = None  # the compiled one-token forward (Transformer.compile_decode)
         for site in ("attn", "ffn"):
             setattr(self, f"hc_{site}_fn", nn.Parameter(torch.empty(mix, n * args.dim, dtype=torch.float32)))
             setattr(self, f"hc_{site}_base", nn.Parameter(torch.empty(mix, dtype=torch.float32)))
@@ -364,20 +363,17 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.flatten(0, 1)  # [B,S,dim] -> [N,dim]
         w, idx = self.gate(x, ids.flatten())
-        y = self.grouped(x, w, idx) if self.uses_grouped(x.device) else self.loop(x, w, idx)
+        if self.uses_grouped(x.device):
+            y = self.grouped(x, w, idx)
+        else:  # reference dispatch: gather each expert's tokens and run it
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            for e in idx.unique().tolist():
+                if self.experts[e] is not None:  # (another rank's expert)
+                    tok, slot = torch.where(idx == e)
+                    y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
         if self.shared_split > 1 or len(self.experts) == self.e1 - self.e0:  # a partial sum, or one process
             return all_reduce(y + self.shared_experts(x).float()).to(x.dtype).view(shape)
         return (all_reduce(y) + self.shared_experts(x).float()).to(x.dtype).view(shape)
-
-    @torch.compiler.disable  # (its shapes depend on the routing: torch.compile leaves it eager)
-    def loop(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Reference dispatch: gather each expert's tokens and run it."""
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in idx.unique().tolist():
-            if self.experts[e] is not None:  # (another rank's expert)
-                tok, slot = torch.where(idx == e)
-                y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
-        return y
 
     def uses_grouped(self, device) -> bool:
         """MXFP4 experts on CUDA run as grouped GEMMs; the reference loop waits on the GPU for its expert list."""
@@ -490,16 +486,6 @@ class Transformer(nn.Module):
             return torch.empty_like(t, device=dev) if t.is_meta else t.to(dev)  # (to_empty from meta)
         return super()._apply(cast, recurse)
 
-    def compile_decode(self):
-        """Compile each block's one-token step with torch.compile (CUDA decode): the step is a few hundred small
-        torch ops a layer around the Triton kernels (RoPE, round trips, page arithmetic, routing), which
-        inductor fuses; the kernels stay as they are (kernels.eager). Blocks of one kind share a compiled graph,
-        one per kind and batch size. Fused bf16 ops round differently from op-by-op ones: logits move by bf16
-        noise, which the FP8 activation round trips can amplify."""
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for layer in self.layers:
-            layer.step = torch.compile(layer.forward, dynamic=False)
-
     def new_cache(self, batch: int = 1, max_seq_len: int | None = None) -> list[LayerCache]:
         """Preallocated decode state for `batch` sequences: one LayerCache per layer, then per MTP layer."""
         T = max_seq_len or self.args.max_seq_len
@@ -534,7 +520,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"positions up to {end} exceed the cache capacity {cache[0].max_pos}")
         X = self.embed(ids)[:, :, None].expand(B, S, self.args.hc_mult, self.args.dim).contiguous()  # [B,S,n,d]
         for i, layer in enumerate(self.layers):
-            X = (layer.step if S == 1 and layer.step else layer)(X, start_pos, ids, cache[i])
+            X = layer(X, start_pos, ids, cache[i])
         logits = self.logits(X, self) if logits_at is None else self.logits_at(X, self, logits_at)
         return (logits, X) if return_hidden else logits
 

@@ -1004,7 +1004,6 @@ def test_cli_bad_input_table(tmp_path, oracle_ckpt):
     bad = lambda name, edit=None: ["--ckpt", _bad_ckpt(ckpt, T, name, edit)] + P  # noqa: E731
     cases = [  # (arguments, what the one error line says, exit code)
         (P + ["--max-seqs", 0], "--max-seqs must be at least 1", 1),
-        (P + ["--device", "cpu", "--compile"], "--compile is for --device cuda", 1),
         (P + ["--max-seqs", -2], "--max-seqs must be at least 1", 1),
         (P + ["--token-budget", 0], "--token-budget must be at least 1", 1),
         (P + ["--temperature", "nan"], "--temperature must be 0", 1),
@@ -2345,35 +2344,6 @@ def test_graph_decode_matches_eager_decode():
     for a, b in zip(fast, slow):
         assert a.out == b.out, a.rid
         assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) < 1e-3, a.rid
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_compiled_decode_matches_eager():
-    """Transformer.compile_decode on a bf16 model with FP8 / FP4 weights (the Triton kernels left eager between
-    fused glue): the compiled one-token step stays within bf16 / FP8 noise of the eager step and picks the same
-    greedy tokens, and its CUDA-graph replay gives exactly its eager tokens and logits."""
-    g = torch.Generator(device="cuda").manual_seed(5)
-    args = small_args(n_heads=16, dtype="fp8", expert_dtype="fp4")
-    model = init_random_(Transformer(args, torch.bfloat16), 12).cuda().eval()
-    ids = torch.randint(0, 512, (2, 140), device="cuda", generator=g)
-    caches = [model.new_cache(2, 256) for _ in range(2)]
-    for c in caches:
-        model(ids[:, :130], 0, c)
-    eager = [model(ids[:, 130 + i:131 + i], 130 + i, caches[0]) for i in range(8)]
-    model.compile_decode()
-    comp = [model(ids[:, 130 + i:131 + i], 130 + i, caches[1]) for i in range(8)]
-    for a, b in zip(eager, comp):  # fused bf16 ops round differently, and e4m3 re-rounding can amplify that
-        assert float((a - b).norm() / a.norm()) < 0.05
-    prompts = [ids[0, :n].tolist() for n in (5, 130, 64)]
-    runs = []
-    for graphs in (True, False):
-        e = Engine(model, 256 << 20, max_seqs=4, keep_logits=True, log=lambda *a: None, graphs=graphs)
-        for i, p in enumerate(prompts):
-            e.add(p, 12, **(dict(temperature=0.8, seed=i) if i == 2 else {}))
-        e.run()
-        runs.append(sorted(e.finished, key=lambda s: s.rid))
-    for a, b in zip(*runs):
-        assert a.out == b.out and max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) < 1e-3
 
 
 # ------------------------------------------------------------------------------------ speculative decoding
