@@ -460,6 +460,20 @@ def e2e_small(cl):
         print(f"| this project | {n // 1024}K | {B} | {tps:,.0f} | {wall:.2f} | {gpu:.2f} | {wall / gpu:.2f} | {ref} | {up} |")
 
 
+def step_floor(model, ctx: int, experts: float, cl) -> tuple:
+    """(ms, weight bytes, cache bytes) of a batch-1 decode step's byte floor at context ctx: every weight the
+    token touches read once (`experts` routed experts a layer), the cache rows it reads (584 B KV rows, 68 B
+    MXFP4 indexer keys)."""
+    args, L = model.args, model.args.n_layers
+    w = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+            if ".experts." not in n and not n.startswith("embed") and not n.startswith("mtp."))
+    e0 = model.layers[0].ffn
+    expert = sum(p.numel() * p.element_size() for p in e0.experts[e0.e0].parameters())
+    n_csa, n_hca, row = args.compress_ratios[:L].count(4), args.compress_ratios[:L].count(128), kv_row_bytes(D, 64)
+    cache = n_csa * (ctx // 4 * 68 + TOPK * row) + n_hca * ctx // 128 * row + L * WIN * row
+    return (w + L * experts * expert + cache) / cl["bw"] * 1e3, w + L * experts * expert, cache
+
+
 def e2e_long(cl, ctx, deadline):
     """The whole V4-Flash attention stack (43 layers, shipped CSA / HCA / window layout) with the MoE shrunk to
     16 routed experts a layer (top-6 as shipped: the same active bytes and FLOPs a token, 1/16 of the stored
@@ -481,17 +495,11 @@ def e2e_long(cl, ctx, deadline):
     synthetic_context(e, ctx, args.vocab_size)
     decode_times(e, 4)
     wall, gpu = decode_times(e, 16)
-    # byte floor of a decode step: every weight a token touches once (6 experts a layer), the cache rows read
-    w = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-            if ".experts." not in n and not n.startswith("embed"))
-    expert = sum(p.numel() * p.element_size() for p in model.layers[0].ffn.experts[0].parameters())
-    n_csa, n_hca, row, key = args.compress_ratios.count(4), args.compress_ratios.count(128), kv_row_bytes(D, 64), 68
-    cache = n_csa * (ctx // 4 * key + TOPK * row) + n_hca * ctx // 128 * row + 43 * WIN * row  # 584 B rows, 68 B keys
-    floor = (w + 43 * 6 * expert + cache) / cl["bw"] * 1e3
+    floor, w, cache = step_floor(model, ctx, 6, cl)
     r = e.report()["bytes_per_token"]
     print(f"\n43-layer V4-Flash stack, 16 routed experts a layer: prefill reached {reached:,} of {ctx:,} tokens in "
           f"{t:.0f} s ({reached / t:,.0f} tok/s)")
-    print(f"| context | decode ms/step | GPU ms/step | byte floor ms ({(w + 43 * 6 * expert) / 2**30:.2f} GiB weights, "
+    print(f"| context | decode ms/step | GPU ms/step | byte floor ms ({w / 2**30:.2f} GiB weights, "
           f"{cache / 2**20:.0f} MiB cache) | floor / decode | cache B/token csa + hca (spec §10: 3,514) |\n|---|---|---|---|---|---|")
     print(f"| {ctx:,} | {wall:.2f} | {gpu:.2f} | {floor:.3f} | {floor / wall:.0%} | {r.get('csa', 0):.0f} + "
           f"{r.get('hca', 0):.0f} = {r.get('csa', 0) + r.get('hca', 0):.0f} |")
@@ -526,13 +534,7 @@ def e2e_rank(cl, ranks: int, ctxs: list):
             synthetic_context(e, ctx, args.vocab_size)
         decode_times(e, 4)
         wall, gpu = decode_times(e, 16)
-        # byte floor: every weight this rank reads once (its 6/ranks experts a layer on average), the cache rows
-        w = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                if ".experts." not in n and not n.startswith("embed"))
-        expert = sum(p.numel() * p.element_size() for p in model.layers[0].ffn.experts[0].parameters())
-        n_csa, n_hca, row = args.compress_ratios.count(4), args.compress_ratios.count(128), kv_row_bytes(D, 64)
-        cache = n_csa * (ctx // 4 * 68 + TOPK * row) + n_hca * ctx // 128 * row + 43 * WIN * row
-        floor = (w + 43 * 6 / ranks * expert + cache) / cl["bw"] * 1e3
+        floor = step_floor(model, ctx, 6 / ranks, cl)[0]  # this rank's 6/ranks experts a layer on average
         rows.append((ctx, tps, wall, gpu, floor, torch.cuda.max_memory_allocated()))
         del e
     print(f"\nOne rank of V4-Flash on {ranks} GPUs (43 layers, {args.n_routed_experts // ranks} experts a layer here), "

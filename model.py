@@ -356,8 +356,9 @@ class MoE(nn.Module):
                                      if self.e0 <= e < self.e1 else None for e in range(args.n_routed_experts))
         # (where its hidden units do not split into whole 128-wide FP8 blocks, e.g. V4-Pro on 16 ranks, every
         # rank holds all of it and adds it after the reduction)
-        self.shared_split = shared_splits(args, ranks)
-        self.shared_experts = Expert(args.dim, args.moe_inter_dim // self.shared_split, dense, dtype)
+        split = shared_splits(args, ranks)
+        self.shared_whole = split < ranks  # then every rank adds it after the reduction
+        self.shared_experts = Expert(args.dim, args.moe_inter_dim // split, dense, dtype)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -371,9 +372,9 @@ class MoE(nn.Module):
                 if self.experts[e] is not None:  # (another rank's expert)
                     tok, slot = torch.where(idx == e)
                     y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
-        if self.shared_split > 1 or len(self.experts) == self.e1 - self.e0:  # a partial sum, or one process
-            return all_reduce(y + self.shared_experts(x).float()).to(x.dtype).view(shape)
-        return (all_reduce(y) + self.shared_experts(x).float()).to(x.dtype).view(shape)
+        s = self.shared_experts(x).float()
+        y = all_reduce(y) + s if self.shared_whole else all_reduce(y + s)
+        return y.to(x.dtype).view(shape)
 
     def uses_grouped(self, device) -> bool:
         """MXFP4 experts on CUDA run as grouped GEMMs; the reference loop waits on the GPU for its expert list."""
@@ -632,8 +633,8 @@ EXPERT = re.compile(r"^((?:layers|mtp)\.\d+\.ffn\.experts\.)(\d+)(\..*)$")
 
 
 def checkpoint_tensors(model: Transformer) -> dict:
-    """name -> (shape, dtype) of every tensor of the whole checkpoint, from this rank's share of the model:
-    the split dims times the ranks, every rank's experts, FP8 wo_a with its scale (the model holds it dense)."""
+    """name -> shape of every tensor of the whole checkpoint, from this rank's share of the model: the split
+    dims times the ranks, every rank's experts, and wo_a's FP8 scale (the model holds wo_a dense)."""
     ranks, out = world()[1], {}
     for k, t in model.state_dict().items():
         shape = list(t.shape)
@@ -642,10 +643,9 @@ def checkpoint_tensors(model: Transformer) -> dict:
             shape[dim] *= ranks
         m = EXPERT.match(k)
         for e in range(model.args.n_routed_experts) if m else [None]:
-            out[k if m is None else f"{m[1]}{e}{m[3]}"] = (tuple(shape), t.dtype)
+            out[k if m is None else f"{m[1]}{e}{m[3]}"] = tuple(shape)
         if k.endswith("attn.wo_a.weight") and model.args.dtype == "fp8":  # shipped FP8 with 128 x 128 scales
-            out[k] = (tuple(shape), FP8)
-            out[k[:-6] + "scale"] = (tuple(-(-n // 128) for n in shape), E8M0)
+            out[k[:-6] + "scale"] = tuple(-(-n // 128) for n in shape)
     return out
 
 
@@ -755,7 +755,7 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -
     wo_scale = {}  # FP8 wo_a: its scales first (small), so it is dequantized as it is read
     with ExitStack() as files:
         for k in (k for k in want if k.endswith("wo_a.scale") and k in where):
-            t = _read(files.enter_context(safe_open(str(where[k]), "pt", device="cpu")), k, want[k][0], where[k], args)
+            t = _read(files.enter_context(safe_open(str(where[k]), "pt", device="cpu")), k, want[k], where[k], args)
             wo_scale[k] = _to_model_dtype(k, t, torch.empty(0, dtype=E8M0), str(where[k]))
     mods = dict(model.named_modules())
     need = sorted(local, key=lambda k: (where[k].name, k))  # shard by shard: one mapping open at a time
@@ -763,7 +763,7 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None) -
     for f, names in itertools.groupby(need, key=lambda k: where[k]):
         with safe_open(str(f), "pt", device="cpu") as fh:
             for k in names:
-                t, s = _read(fh, k, want[k][0], f, args), k[:-6] + "scale"
+                t, s = _read(fh, k, want[k], f, args), k[:-6] + "scale"
                 if t.dtype == FP8 and s in wo_scale:  # the model runs the grouped wo_a dense, as convert.py does
                     t = fp8_block_dequantize(t, wo_scale[s])
                 t = _to_model_dtype(k, t, local[k], str(f)).to(device)

@@ -794,8 +794,7 @@ def test_tensor_and_expert_parallel_match_one_process(shipped_ckpt, tmp_path):
             ref = ref[:, :v.shape[1]] if dim == 1 else ref[:v.shape[0]] if dim == 0 else ref
             assert v.shape == ref.shape and torch.equal(v.view(torch.uint8) if v.element_size() == 1 else v,
                                                         ref.view(torch.uint8) if ref.element_size() == 1 else ref), k
-        assert {k for k in a["state"] if ".experts." in k and "shared" not in k} == \
-            {k for k in b["state"] if re.search(r"\.experts\.[0-3]\.", k)}
+        assert {k for k in a["state"] if M.EXPERT.match(k)} == {k for k in b["state"] if re.search(r"\.experts\.[0-3]\.", k)}
         assert a["state"]["layers.0.attn.attn_sink"].shape[0] == args.n_heads // 2
     assert tp[1]["state"]["layers.0.ffn.shared_experts.w2.weight"].shape[1] == 128  # split: 256 / 2
     assert tp[2]["state"]["layers.0.ffn.shared_experts.w2.weight"].shape[1] == 128  # whole
